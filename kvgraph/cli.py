@@ -1,0 +1,159 @@
+"""The ``kvgraph`` command line: validate, draw, nodes, schema.
+
+Exit codes: 0 success (graph valid), 1 invalid graph or failed action, 2 usage error.
+Heavy modules (jsonschema, networkx) are imported only by the commands that need them, so that
+``kvgraph --help`` and ``kvgraph nodes`` start at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import KvgraphError, UsageError
+
+
+def _colour(stream: object) -> bool:
+    return (hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
+            and os.environ.get("TERM") != "dumb")
+
+
+def _write(data: bytes | str, output: str | None) -> None:
+    if isinstance(data, str):
+        data = data.encode()
+    if output and output != "-":
+        Path(output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .diagnostics import render_json, render_text
+    from .validate import validate_file
+
+    results = [validate_file(f) for f in args.files]
+    failed = False
+    if args.format == "json":
+        payload = []
+        for r in results:
+            bad = bool(r.errors) or (args.strict and bool(r.warnings))
+            failed |= bad
+            payload.append({"file": r.file, "valid": not bad,
+                            **json.loads(render_json(r.diagnostics))})
+        print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2))
+        return 1 if failed else 0
+    colour = _colour(sys.stdout)
+    for r in results:
+        if r.diagnostics:
+            print(render_text(r.diagnostics, colour))
+        bad = bool(r.errors) or (args.strict and bool(r.warnings))
+        failed |= bad
+        counts = f"{len(r.errors)} error(s), {len(r.warnings)} warning(s)"
+        if bad:
+            note = " (warnings are errors with --strict)" if not r.errors else ""
+            print(f"{r.file}: invalid: {counts}{note}")
+        elif not args.quiet:
+            g = r.graph
+            size = f"{len(g.nodes)} nodes, {len(g.edges)} edges" if g else ""
+            extra = f", {len(r.warnings)} warning(s)" if r.warnings else ""
+            print(f"{r.file}: valid ({size}{extra})")
+    return 1 if failed else 0
+
+
+def cmd_draw(args: argparse.Namespace) -> int:
+    from .diagnostics import render_text
+    from .draw import render
+    from .validate import validate_file
+
+    r = validate_file(args.file)
+    if r.graph is None:
+        print(render_text(r.diagnostics, _colour(sys.stderr)), file=sys.stderr)
+        print(f"{r.file}: invalid; fix it before drawing (`kvgraph validate {r.file}`)",
+              file=sys.stderr)
+        return 1
+    _write(render(r.graph, args.format), args.output)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from . import catalog, registry
+    from .schema import suggest
+
+    if args.format == "json":
+        items = catalog.as_json()
+        if args.name:
+            items = [i for i in items if i["name"] == args.name]
+        print(json.dumps(items, indent=2))
+        return 0 if items else 1
+    if not args.name:
+        print(catalog.summary_table())
+        return 0
+    types = registry.named(args.name)
+    if not types:
+        raise UsageError(f"no node type {args.name!r}; {suggest(args.name, registry.names())}")
+    print("\n\n".join(catalog.describe(t) for t in types))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import graph_schema
+
+    _write(json.dumps(graph_schema(), indent=2) + "\n", args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvgraph",
+        description="KV-cache event relays as declarative dataflow graphs.",
+        epilog="Exit codes: 0 ok, 1 invalid graph or failure, 2 usage error.")
+    p.add_argument("--version", action="version", version=f"kvgraph {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    v = sub.add_parser("validate", help="check graph files and report every problem")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--format", choices=["text", "json"], default="text")
+    v.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("draw", help="draw a graph (Mermaid by default)")
+    d.add_argument("file", metavar="FILE")
+    d.add_argument("--format", choices=["mermaid", "dot", "svg", "png"], default="mermaid")
+    d.add_argument("-o", "--output", metavar="PATH", help="write here instead of stdout")
+    d.set_defaults(func=cmd_draw)
+
+    n = sub.add_parser("nodes", help="list node types, or show one type's options")
+    n.add_argument("name", nargs="?", metavar="TYPE")
+    n.add_argument("--format", choices=["text", "json"], default="text")
+    n.set_defaults(func=cmd_nodes)
+
+    s = sub.add_parser("schema", help="print the JSON Schema of graph files")
+    s.add_argument("-o", "--output", metavar="PATH", help="write here instead of stdout")
+    s.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"kvgraph {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KvgraphError as exc:
+        print(f"kvgraph {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The one exception tree of kvgraph.
+
+    KvgraphError                  anything kvgraph raises on purpose
+    ├── GraphError                a graph file is invalid; carries every Diagnostic found
+    ├── NodeTypeError             a node type is declared wrongly, or registered twice
+    ├── ConfigError               a value is unusable at run time (e.g. a missing env var)
+    └── UsageError                the command line or API was called wrongly
+
+Every error says what was wrong, where, and what to do; a GraphError carries the full list of
+diagnostics so that a caller can print them all, not just the first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .diagnostics import Diagnostic
+
+
+class KvgraphError(Exception):
+    """Base of every error kvgraph raises on purpose."""
+
+
+class GraphError(KvgraphError):
+    """A graph file failed validation. ``diagnostics`` lists every problem, in file order."""
+
+    def __init__(self, diagnostics: Sequence["Diagnostic"]):
+        self.diagnostics = list(diagnostics)
+        errors = [d for d in self.diagnostics if d.severity == "error"]
+        lines = "\n".join(d.format() for d in errors[:20])
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        super().__init__(f"invalid graph ({len(errors)} error(s)):\n{lines}{more}")
+
+
+class NodeTypeError(KvgraphError):
+    """A node type declaration is broken: a programming error in a node module or plugin."""
+
+
+class ConfigError(KvgraphError):
+    """A configuration value cannot be used at run time, e.g. an unset environment variable."""
+
+
+class UsageError(KvgraphError):
+    """A command or API call was used wrongly (bad arguments, missing file)."""

@@ -1,0 +1,164 @@
+"""The validated graph: nodes, edges, and the structural checks that need the whole picture.
+
+A :class:`Graph` only exists once validation passed, so the runtime and ``draw`` can trust it.
+Structure is checked with networkx: cycles are reported as their full chain (``a -> b -> a``),
+found per strongly connected component so that every independent cycle is named once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+from .node import DEFAULT_PORT, ERRORS_PORT, INPUT_PORT, Kind, NodeType
+from .schema import DEFAULT_CAPACITY
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    type: type[NodeType]
+    options: dict[str, Any]          # the type's own options, as written (no common keys)
+    description: str = ""
+    on_error: str | None = None
+    line: int = 0
+
+    @property
+    def kind(self) -> Kind:
+        return self.type.kind
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Options with the type's defaults filled in."""
+        return {**self.type.defaults(), **self.options}
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str
+    src_port: str
+    dst: str
+    capacity: int = DEFAULT_CAPACITY
+    when_full: str = "block"
+    index: int = 0
+    line: int = 0
+    dst_port: str = INPUT_PORT
+
+    @property
+    def label(self) -> str:
+        port = "" if self.src_port == DEFAULT_PORT else f".{self.src_port}"
+        return f"{self.src}{port} -> {self.dst}"
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: dict[str, Node]
+    edges: list[Edge]
+    description: str = ""
+    path: str = ""
+    warnings: list[Any] = field(default_factory=list)
+
+    def edges_from(self, node_id: str, port: str | None = None) -> list[Edge]:
+        return [e for e in self.edges
+                if e.src == node_id and (port is None or e.src_port == port)]
+
+    def edges_to(self, node_id: str) -> list[Edge]:
+        return [e for e in self.edges if e.dst == node_id]
+
+    def topological_order(self) -> list[str]:
+        """Node ids, every node after all of its producers."""
+        import networkx as nx
+
+        return list(nx.topological_sort(to_networkx(self.nodes, self.edges)))
+
+
+def to_networkx(nodes: Sequence[str] | dict[str, Any], edges: Sequence[Edge]) -> Any:
+    import networkx as nx
+
+    g = nx.MultiDiGraph()
+    g.add_nodes_from(nodes)
+    for e in edges:
+        g.add_edge(e.src, e.dst, key=e.index)
+    return g
+
+
+Report = Callable[[Sequence[Hashable], str, str, str], None]
+"""report(path, message, hint, severity)"""
+
+
+def check_structure(nodes: dict[str, Kind], ports: dict[str, tuple[str, ...]],
+                    edges: list[Edge], report: Report) -> None:
+    """Structural checks that need all nodes and edges; every finding goes to ``report``.
+
+    ``nodes`` maps each node id whose type is known to its kind, ``ports`` to its output ports.
+    Edges that name unknown nodes are reported and left out of the later checks.
+    """
+    from .schema import suggest
+
+    good: list[Edge] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    for e in edges:
+        where = ("edges", e.index)
+        ok = True
+        for end, node_id in (("from", e.src), ("to", e.dst)):
+            if node_id not in nodes:
+                report(where + (end,), f"unknown node {node_id!r}", suggest(node_id, nodes), "error")
+                ok = False
+        if not ok:
+            continue
+        if e.src_port not in ports[e.src]:
+            if nodes[e.src] is Kind.SINK and e.src_port == DEFAULT_PORT:
+                report(where + ("from",), f"{e.src!r} is a sink: it has no output {DEFAULT_PORT!r}",
+                       f"a sink can only feed edges from its {ERRORS_PORT!r} port", "error")
+            else:
+                report(where + ("from",), f"node {e.src!r} has no output port {e.src_port!r}",
+                       suggest(e.src_port, ports[e.src]), "error")
+            ok = False
+        if nodes[e.dst] is Kind.SOURCE:
+            report(where + ("to",), f"{e.dst!r} is a source: it takes no input",
+                   "edges go from sources to transforms and sinks", "error")
+            ok = False
+        elif e.dst_port != INPUT_PORT:
+            report(where + ("to",), f"node {e.dst!r} has no input port {e.dst_port!r}",
+                   f"its only input is {INPUT_PORT!r}; write just {e.dst!r}", "error")
+            ok = False
+        key = (e.src, e.src_port, e.dst)
+        if key in seen:
+            report(where, f"duplicate edge {e.label} (same as edges[{seen[key]}])",
+                   "remove one; to send twice, add a node", "error")
+            ok = False
+        seen.setdefault(key, e.index)
+        if ok:
+            good.append(e)
+
+    _check_cycles(nodes, good, report)
+
+    for node_id, kind in nodes.items():
+        if kind is not Kind.SOURCE and not any(e.dst == node_id for e in good):
+            report(("nodes", node_id), f"{kind} {node_id!r} has no input: nothing will reach it",
+                   "add an edge to it, or remove it", "warning")
+        if kind is not Kind.SINK and not any(e.src == node_id and e.src_port == DEFAULT_PORT
+                                             for e in good):
+            report(("nodes", node_id), f"{kind} {node_id!r}: output {DEFAULT_PORT!r} feeds "
+                   "nothing; its events will be discarded", "add an edge from it", "warning")
+
+
+def _check_cycles(nodes: dict[str, Kind], edges: list[Edge], report: Report) -> None:
+    import networkx as nx
+
+    g = to_networkx(nodes, edges)
+    if nx.is_directed_acyclic_graph(g):
+        return
+    for scc in sorted(nx.strongly_connected_components(g), key=min):
+        sub = g.subgraph(scc)
+        if len(scc) == 1 and not sub.number_of_edges():
+            continue
+        start = min(scc)
+        cycle = [u for u, *_ in nx.find_cycle(sub, source=start)]
+        i = cycle.index(min(cycle))
+        cycle = cycle[i:] + cycle[:i]
+        chain = " -> ".join(cycle + [cycle[0]])
+        closing = next(e for e in edges if e.src == cycle[-1] and e.dst == cycle[0])
+        report(("edges", closing.index), f"cycle: {chain}",
+               "a graph must be acyclic; remove one edge of the chain", "error")

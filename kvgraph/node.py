@@ -1,0 +1,202 @@
+"""How a node type declares itself.
+
+A node type is a subclass of :class:`NodeType` registered with :func:`kvgraph.registry.register`.
+Its class attributes are the single declaration of the type: the JSON Schema of its options
+(``options`` and ``required``), its kind and its ports. Validation, ``kvgraph nodes``, the
+committed schema files and the docs are all generated from this one place, so they cannot drift.
+
+The option helpers below (``string``, ``integer``...) only build JSON Schema dicts; they exist so
+that declarations read like a table of options, with the description next to the default.
+Two extension keywords mark string options:
+
+* ``x-env``: the value may contain ``${NAME}``, replaced from the environment at run time;
+* ``x-secret``: the value is a credential; it is never printed by ``validate``, ``draw`` or logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Iterable, Mapping
+
+JsonSchema = dict[str, Any]
+
+
+class Kind(str, Enum):
+    SOURCE = "source"
+    TRANSFORM = "transform"
+    SINK = "sink"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Keys every node table may carry, around the type's own options.
+COMMON_OPTIONS: dict[str, JsonSchema] = {
+    "type": {"type": "string", "description": "The node type, from `kvgraph nodes`."},
+    "kind": {"enum": [k.value for k in Kind],
+             "description": "Only needed when a type name is both a source and a sink (for "
+                            "example `zmq`) and the edges do not make it clear."},
+    "description": {"type": "string", "description": "Free text shown by `draw --details`."},
+    "on_error": {"enum": ["skip", "fail"],
+                 "description": "What a failure in this node does to the graph: `skip` logs, "
+                                "counts and continues; `fail` stops the graph. Default: `skip` "
+                                "for bad events, `fail` for connections broken after retries."},
+}
+
+DEFAULT_PORT = "out"
+ERRORS_PORT = "errors"
+INPUT_PORT = "in"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A semantic problem found by a type's :meth:`NodeType.check`. ``field`` may be ''."""
+
+    field: str
+    message: str
+    severity: str = "error"
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class Bind:
+    """An address a node will bind, so that two nodes binding the same one can be reported."""
+
+    field: str
+    address: str
+
+
+@dataclass
+class CheckContext:
+    """What a type's check may want beyond its own options."""
+
+    node_id: str
+    edges_in: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NodeType:
+    """Base class of every node type. Subclasses set the class attributes; see module docstring.
+
+    ``name`` is what users write as ``type``. A name may be used by one source and one sink (the
+    ``zmq`` source reads engines, the ``zmq`` sink re-publishes); ``kind`` tells them apart.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[Kind]
+    summary: ClassVar[str]
+    options: ClassVar[Mapping[str, JsonSchema]] = {}
+    required: ClassVar[tuple[str, ...]] = ()
+    #: Output ports besides the standard ones (``out`` unless a sink, and ``errors``).
+    extra_ports: ClassVar[tuple[str, ...]] = ()
+    #: An example node table body, shown by ``kvgraph nodes NAME``.
+    example: ClassVar[str] = ""
+
+    @classmethod
+    def output_ports(cls) -> tuple[str, ...]:
+        base = (ERRORS_PORT,) if cls.kind is Kind.SINK else (DEFAULT_PORT, ERRORS_PORT)
+        return base + tuple(cls.extra_ports)
+
+    @classmethod
+    def input_ports(cls) -> tuple[str, ...]:
+        return () if cls.kind is Kind.SOURCE else (INPUT_PORT,)
+
+    @classmethod
+    def schema(cls) -> JsonSchema:
+        """The JSON Schema of one node table of this type, common keys included."""
+        props: dict[str, JsonSchema] = dict(COMMON_OPTIONS)
+        props["type"] = {"const": cls.name, "description": COMMON_OPTIONS["type"]["description"]}
+        props["kind"] = {"const": cls.kind.value, "description": COMMON_OPTIONS["kind"]["description"]}
+        props.update(cls.options)
+        return {
+            "title": f"{cls.kind} {cls.name}",
+            "description": cls.summary,
+            "type": "object",
+            "properties": props,
+            "required": ["type", *cls.required],
+            "additionalProperties": False,
+        }
+
+    @classmethod
+    def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
+        """Semantic checks beyond the schema (endpoint syntax, option combinations).
+
+        Called only when the node's options passed the schema, so types may rely on it.
+        """
+        return ()
+
+    @classmethod
+    def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
+        """Addresses this node binds; the validator reports any address bound twice."""
+        return ()
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {k: s["default"] for k, s in cls.options.items() if "default" in s}
+
+
+# -- option helpers ---------------------------------------------------------------------------
+
+def _opt(base: JsonSchema, doc: str, default: Any, extra: Mapping[str, Any]) -> JsonSchema:
+    s = dict(base, description=doc)
+    if default is not None:
+        s["default"] = default
+    s.update({k: v for k, v in extra.items() if v is not None})
+    return s
+
+
+def string(doc: str, default: str | None = None, *, enum: list[str] | None = None,
+           pattern: str | None = None, env: bool = False, secret: bool = False,
+           min_length: int | None = None, examples: list[str] | None = None) -> JsonSchema:
+    base: JsonSchema = {"enum": enum} if enum else {"type": "string"}
+    s = _opt(base, doc, default, {"pattern": pattern, "minLength": min_length,
+                                  "examples": examples})
+    if env:
+        s["x-env"] = True
+    if secret:
+        s["x-secret"] = True
+        s["writeOnly"] = True
+    return s
+
+
+def integer(doc: str, default: int | None = None, *, minimum: int | None = None,
+            maximum: int | None = None) -> JsonSchema:
+    return _opt({"type": "integer"}, doc, default, {"minimum": minimum, "maximum": maximum})
+
+
+def number(doc: str, default: float | None = None, *, minimum: float | None = None,
+           exclusive_minimum: float | None = None) -> JsonSchema:
+    return _opt({"type": "number"}, doc, default,
+                {"minimum": minimum, "exclusiveMinimum": exclusive_minimum})
+
+
+def boolean(doc: str, default: bool | None = None) -> JsonSchema:
+    return _opt({"type": "boolean"}, doc, default, {})
+
+
+def array(doc: str, items: JsonSchema, default: list[Any] | None = None, *,
+          min_items: int | None = None, unique: bool = False) -> JsonSchema:
+    s = _opt({"type": "array", "items": items}, doc, default, {"minItems": min_items})
+    if unique:
+        s["uniqueItems"] = True
+    return s
+
+
+def one_or_many(doc: str, items: JsonSchema, default: Any = None) -> JsonSchema:
+    """A single value or a list of them (``url = "nats://a"`` or ``url = ["nats://a", ...]``)."""
+    s = _opt({"anyOf": [items, {"type": "array", "items": items, "minItems": 1}]},
+             doc, default, {})
+    for flag in ("x-env", "x-secret"):
+        if items.get(flag):
+            s[flag] = True
+    return s
+
+
+def table(doc: str, properties: Mapping[str, JsonSchema], required: list[str] | None = None
+          ) -> JsonSchema:
+    s: JsonSchema = {"type": "object", "description": doc, "properties": dict(properties),
+                     "additionalProperties": False}
+    if required:
+        s["required"] = required
+    return s

@@ -1,0 +1,1 @@
+"""Protocol helpers shared by the nodes that speak them (option declarations, address syntax)."""

@@ -1,0 +1,73 @@
+"""NATS connection options and URL syntax, shared by the ``nats`` source and sink."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping
+
+from ..node import JsonSchema, Problem, boolean, number, one_or_many, string
+
+_URL = re.compile(r"^(nats|tls|ws|wss)://(?:[^@/\s]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)"
+                  r"(?::(\d{1,5}))?/?$")
+
+CONNECTION_OPTIONS: dict[str, JsonSchema] = {
+    "url": one_or_many("NATS server URL, or a list of them for a cluster. May use ${ENV}.",
+                       string("A nats://, tls://, ws:// or wss:// URL.", env=True),
+                       default="nats://127.0.0.1:4222"),
+    "name": string("Connection name shown by the server's monitoring.", "kvgraph"),
+    "user": string("User name. May use ${ENV}.", env=True),
+    "password": string("Password. Use ${ENV}; never printed.", env=True, secret=True),
+    "token": string("Authentication token. Use ${ENV}; never printed.", env=True, secret=True),
+    "creds_file": string("Path to a .creds file (JWT and NKey seed). May use ${ENV}.", env=True),
+    "nkeys_seed_file": string("Path to an NKey seed file. May use ${ENV}.", env=True),
+    "tls_ca_file": string("CA bundle that signs the server certificate.", env=True),
+    "tls_cert_file": string("Client certificate for mutual TLS.", env=True),
+    "tls_key_file": string("Client private key for mutual TLS.", env=True),
+    "connect_timeout_s": number("Timeout of one connection attempt.", 2.0, exclusive_minimum=0),
+    "reconnect_wait_s": number("Initial wait between reconnect attempts (backs off).", 0.5,
+                               exclusive_minimum=0),
+    "max_reconnect_attempts": {"type": "integer", "minimum": -1, "default": -1,
+                               "description": "Reconnect attempts before the node fails; -1 "
+                                              "retries for ever."},
+}
+
+JETSTREAM_OPTIONS: dict[str, JsonSchema] = {
+    "jetstream": boolean("Use JetStream (durable, acknowledged) instead of core NATS.", False),
+    "stream": string("JetStream stream name."),
+    "create_stream": boolean("Create the stream at start if it does not exist.", False),
+}
+
+
+def check_url(value: str) -> str | None:
+    """None when ``value`` is a usable NATS URL, else what is wrong with it."""
+    if "${" in value:
+        return None  # checked after interpolation, at run time
+    m = _URL.match(value)
+    if not m:
+        return "expected nats://HOST[:PORT] (or tls://, ws://, wss://)"
+    if m.group(3) and not 0 < int(m.group(3)) < 65536:
+        return f"port {m.group(3)} is out of range 1-65535"
+    return None
+
+
+def check_connection(options: Mapping[str, Any]) -> Iterable[Problem]:
+    urls = options.get("url", [])
+    for i, url in enumerate([urls] if isinstance(urls, str) else urls):
+        why = check_url(url)
+        if why:
+            yield Problem("url", f"{url!r} is not a NATS URL" if isinstance(urls, str)
+                          else f"url[{i}] {url!r} is not a NATS URL", hint=why)
+    auth = [k for k in ("token", "creds_file", "nkeys_seed_file") if k in options]
+    if "user" in options or "password" in options:
+        auth.append("user/password")
+    if len(auth) > 1:
+        yield Problem(auth[0] if auth[0] != "user/password" else "user",
+                      f"choose one way to authenticate, not {' and '.join(auth)}")
+    if ("password" in options) != ("user" in options):
+        yield Problem("password" if "user" in options else "user",
+                      "user and password go together")
+    if ("tls_cert_file" in options) != ("tls_key_file" in options):
+        yield Problem("tls_cert_file", "tls_cert_file and tls_key_file go together")
+    if options.get("jetstream") is False and (options.get("stream") or options.get("durable")):
+        yield Problem("stream", "JetStream options are set but jetstream = false",
+                      hint="set jetstream = true", severity="warning")

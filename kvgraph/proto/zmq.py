@@ -1,0 +1,56 @@
+"""ZeroMQ endpoint syntax, shared by the ``zmq`` source and sink.
+
+Checked without importing pyzmq, so that ``validate`` stays fast and works where libzmq is absent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.:-]+?):(?P<port>\d+|\*)$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    transport: str          # tcp | ipc | inproc
+    host: str = ""
+    port: int | None = None
+    path: str = ""
+
+    def with_port_offset(self, offset: int) -> str:
+        """The endpoint of DP rank ``r`` when ports are offset by rank (vLLM: ``5557 + r``)."""
+        if self.transport != "tcp" or self.port is None:
+            raise ValueError("only tcp endpoints with a numeric port can be offset")
+        return f"tcp://{self.host}:{self.port + offset}"
+
+    def __str__(self) -> str:
+        if self.transport == "tcp":
+            return f"tcp://{self.host}:{'*' if self.port is None else self.port}"
+        return f"{self.transport}://{self.path}"
+
+
+def parse_endpoint(value: str) -> Endpoint:
+    """Parse ``tcp://host:port``, ``ipc://path`` or ``inproc://name``; ValueError says why not."""
+    if value.startswith(("ipc://", "inproc://")):
+        transport, _, path = value.partition("://")
+        if not path:
+            raise ValueError(f"{transport} endpoint needs a path after '{transport}://'")
+        return Endpoint(transport, path=path)
+    if not value.startswith("tcp://"):
+        raise ValueError("a ZMQ endpoint starts with tcp://, ipc:// or inproc://")
+    m = _TCP.match(value)
+    if not m:
+        raise ValueError("expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:5557 or tcp://*:5557")
+    port = m.group("port")
+    if port != "*" and not 0 < int(port) < 65536:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return Endpoint("tcp", m.group("host"), None if port == "*" else int(port))
+
+
+def rank_endpoints(value: str, ranks: int, step: int) -> list[str]:
+    """Endpoints for DP ranks ``0..ranks-1``; rank r listens on ``port + r * step``."""
+    if ranks == 1:
+        return [value]
+    ep = parse_endpoint(value)
+    return [ep.with_port_offset(r * step) for r in range(ranks)]

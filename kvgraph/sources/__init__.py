@@ -1,0 +1,1 @@
+"""Source node types: where events enter a graph. One module per type; each registers itself."""

@@ -1,0 +1,78 @@
+"""``zmq`` source: reads the KV-event publishers of vLLM, SGLang and TensorRT-LLM.
+
+Engines publish ``[topic, seq, payload]`` on a PUB socket (see ``shared/specs/kv-events-wire.md``).
+By default this node connects a SUB socket to the engine, which binds (vLLM binds for ``*``,
+``::``, ``ipc://`` and ``inproc://``); set ``bind = true`` when the engine connects instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from ..node import Bind, CheckContext, Kind, NodeType, Problem, boolean, integer, string
+from ..proto.zmq import parse_endpoint, rank_endpoints
+from ..registry import register
+
+
+@register
+class ZmqSource(NodeType):
+    name = "zmq"
+    kind = Kind.SOURCE
+    summary = "Read KV events from a vLLM, SGLang or TensorRT-LLM ZMQ publisher."
+    options = {
+        "endpoint": string("The engine's PUB endpoint: tcp://HOST:PORT, ipc://PATH or "
+                           "inproc://NAME. With dp_ranks > 1, the endpoint of rank 0.",
+                           examples=["tcp://127.0.0.1:5557"]),
+        "topic": string("Topic prefix to subscribe to; empty receives everything.", ""),
+        "bind": boolean("Bind the SUB socket instead of connecting (when the engine connects).",
+                        False),
+        "replay_endpoint": string("The engine's ROUTER replay endpoint (vLLM "
+                                  "`replay_endpoint`), used to repair sequence gaps."),
+        "replay_on_connect": boolean("Fetch the engine's buffered history at start.", False),
+        "worker_id": integer("Worker id stamped on every event (Dynamo's worker / lease id).", 0,
+                             minimum=0, maximum=2**63 - 1),
+        "worker_id_from": string("Where worker_id comes from: `config` (the option above) or "
+                                 "`topic` (the pod of an llm-d `kv@<pod>@<model>` topic, hashed "
+                                 "to 63 bits).", "config", enum=["config", "topic"]),
+        "dp_ranks": integer("Number of data-parallel ranks of the engine to follow; rank r is "
+                            "read at port + r * dp_rank_port_offset.", 1, minimum=1, maximum=1024),
+        "dp_rank_port_offset": integer("Port step between DP ranks (vLLM uses 1).", 1, minimum=0),
+        "hwm": integer("Receive high-water mark in messages; past it ZMQ drops (seen as a gap).",
+                       100_000, minimum=0),
+        "block_size": integer("Expected tokens per block; events that disagree go to `errors`. "
+                              "0 accepts any.", 0, minimum=0),
+        "max_batch_events": integer("Most events handed downstream in one batch.", 4096,
+                                    minimum=1),
+    }
+    required = ("endpoint",)
+    example = 'endpoint = "tcp://127.0.0.1:5557"\nworker_id = 7'
+
+    @classmethod
+    def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
+        bind = options.get("bind", False)
+        ranks = options.get("dp_ranks", 1)
+        for key in ("endpoint", "replay_endpoint"):
+            if key not in options:
+                continue
+            try:
+                ep = parse_endpoint(options[key])
+            except ValueError as exc:
+                yield Problem(key, f"{options[key]!r} is not a ZMQ endpoint", hint=str(exc))
+                continue
+            binding = bind and key == "endpoint"
+            if ep.transport == "tcp" and (ep.host == "*" or ep.port is None) and not binding:
+                yield Problem(key, f"{options[key]!r} has a wildcard, which only works when "
+                              "binding", hint="name the engine's host, e.g. tcp://127.0.0.1:5557"
+                              + (", or set bind = true" if key == "endpoint" else ""))
+            elif ranks > 1 and (ep.transport != "tcp" or ep.port is None):
+                yield Problem(key, "dp_ranks > 1 needs a tcp endpoint with a port, offset per "
+                              "rank")
+        if options.get("replay_on_connect") and "replay_endpoint" not in options:
+            yield Problem("replay_on_connect", "replay_on_connect needs replay_endpoint")
+
+    @classmethod
+    def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
+        if options.get("bind"):
+            for ep in rank_endpoints(options["endpoint"], options.get("dp_ranks", 1),
+                                     options.get("dp_rank_port_offset", 1)):
+                yield Bind("endpoint", ep)
