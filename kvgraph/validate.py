@@ -24,8 +24,11 @@ from .errors import ConfigError, GraphError
 from .graph import Edge, Graph, Node, check_structure
 from .locate import Locator
 from .node import COMMON_OPTIONS, DEFAULT_PORT, INPUT_PORT, CheckContext, Kind, NodeType
-from .schema import DEFAULT_CAPACITY, check_node, check_top, suggest
+from .schema import (DEFAULT_CAPACITY, NODE_ID_PATTERN, PORT_REF_PATTERN, check_node, check_top,
+                     suggest)
 
+_PORT_REF = re.compile(PORT_REF_PATTERN)
+_NODE_ID = re.compile(NODE_ID_PATTERN)
 _TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
 _MAX_FILE_BYTES = 16 * 1024 * 1024
 
@@ -140,7 +143,8 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
     # Resolve each node's type (and kind, for names that are both a source and a sink).
     types: dict[str, type[NodeType]] = {}
     for node_id, table in nodes_doc.items():
-        if not isinstance(table, dict) or not isinstance(table.get("type"), str):
+        if not isinstance(table, dict) or not isinstance(table.get("type"), str) \
+                or not _NODE_ID.match(node_id):  # a bad id is reported once, by the schema
             continue
         t = _resolve_type(node_id, table, edges, out)
         if t is not None:
@@ -205,7 +209,8 @@ def _edges(raw: Any) -> list[Edge]:
         if not isinstance(e, dict):
             continue
         src, dst = e.get("from"), e.get("to")
-        if not (isinstance(src, str) and isinstance(dst, str) and src and dst):
+        if not (isinstance(src, str) and isinstance(dst, str)
+                and _PORT_REF.match(src) and _PORT_REF.match(dst)):
             continue
         s_node, _, s_port = src.partition(".")
         d_node, _, d_port = dst.partition(".")
