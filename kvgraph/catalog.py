@@ -90,3 +90,31 @@ def as_json() -> list[dict[str, Any]]:
     return [{"name": t.name, "kind": t.kind.value, "summary": t.summary,
              "input_ports": list(t.input_ports()), "output_ports": list(t.output_ports()),
              "schema": t.schema()} for t in registry.all_types()]
+
+
+def refresh_readme(path: str) -> bool:
+    """Rewrite the generated parts of a README (between ``<!-- NAME:begin -->`` and
+    ``<!-- NAME:end -->`` markers): the catalog, and the diagram of graphs/fanout.toml."""
+    import re
+    from pathlib import Path
+
+    from .draw import to_mermaid
+    from .validate import load
+
+    readme = Path(path)
+    text = readme.read_text()
+    fanout = load(readme.parent / "graphs" / "fanout.toml")
+    parts = {"catalog": markdown_catalog(),
+             "diagram": f"```mermaid\n{to_mermaid(fanout)}```"}
+    new = text
+    for name, body in parts.items():
+        new = re.sub(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)",
+                     lambda m: m.group(1) + body + m.group(2), new, flags=re.S)
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    print("updated" if refresh_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+          else "up to date")

@@ -1,4 +1,4 @@
-"""The ``kvgraph`` command line: validate, draw, nodes, schema.
+"""The ``kvgraph`` command line: validate, run, draw, nodes, schema.
 
 Exit codes: 0 success (graph valid), 1 invalid graph or failed action, 2 usage error.
 Heavy modules (jsonschema, networkx) are imported only by the commands that need them, so that
@@ -12,10 +12,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__
 from .errors import KvgraphError, UsageError
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 
 def _colour(stream: object) -> bool:
@@ -101,6 +104,83 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .diagnostics import render_text
+    from .validate import validate_file
+
+    r = validate_file(args.file)
+    if r.diagnostics:
+        print(render_text(r.diagnostics, _colour(sys.stderr)), file=sys.stderr)
+    if r.graph is None or (args.strict and r.warnings):
+        print(f"{r.file}: invalid; not starting (`kvgraph validate {r.file}` for details)",
+              file=sys.stderr)
+        return 1
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    status = args.status
+    if status == "auto":
+        status = "tty" if sys.stderr.isatty() else "log"
+    return asyncio.run(_run(r.graph, args, status))
+
+
+async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from .runtime import Runtime
+    from .status import Status, serve_metrics, totals
+
+    log = logging.getLogger("kvgraph")
+    rt = Runtime(graph)
+    await rt.start()
+    loop = asyncio.get_running_loop()
+    signals = 0
+    abort_task: list[asyncio.Task[int]] = []
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.warning("%s: stopping sources and draining; send it again to abort",
+                        signal.Signals(signum).name)
+            rt.request_stop()
+        elif not abort_task:
+            log.warning("second signal: aborting now")
+            abort_task.append(asyncio.create_task(rt.abort()))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    server = None
+    if args.metrics_port is not None:
+        server = await serve_metrics(rt, args.metrics_host, args.metrics_port)
+        port = server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+    status = Status(rt, status_mode, args.status_interval)
+    status.start()
+    log.info("running %s: %d nodes, %d edges", graph.name, len(graph.nodes), len(graph.edges))
+    try:
+        result = await rt.wait()
+        if abort_task:
+            await abort_task[0]
+            result = rt.result()
+    finally:
+        await status.stop()
+        if server is not None:
+            server.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print(totals(rt, result), file=sys.stderr)
+    if args.report:
+        import dataclasses
+
+        Path(args.report).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    return 0 if result.ok else 1
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .schema import graph_schema
 
@@ -133,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("name", nargs="?", metavar="TYPE")
     n.add_argument("--format", choices=["text", "json"], default="text")
     n.set_defaults(func=cmd_nodes)
+
+    r = sub.add_parser("run", help="run a graph until its sources end or a signal stops it")
+    r.add_argument("file", metavar="FILE")
+    r.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics on this port (0 picks a free one)")
+    r.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST")
+    r.add_argument("--status", choices=["auto", "tty", "log", "off"], default="auto",
+                   help="live screen on a terminal, summary log lines otherwise (default)")
+    r.add_argument("--status-interval", type=float, default=10.0, metavar="S",
+                   help="seconds between summary log lines (default 10)")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--strict", action="store_true", help="refuse to run with warnings")
+    r.add_argument("--report", metavar="PATH",
+                   help="write the final totals as JSON here (for scripts and tests)")
+    r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("schema", help="print the JSON Schema of graph files")
     s.add_argument("-o", "--output", metavar="PATH", help="write here instead of stdout")

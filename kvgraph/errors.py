@@ -4,6 +4,8 @@
     ├── GraphError                a graph file is invalid; carries every Diagnostic found
     ├── NodeTypeError             a node type is declared wrongly, or registered twice
     ├── ConfigError               a value is unusable at run time (e.g. a missing env var)
+    ├── NodeFailure               a running node cannot go on (a connection broken after retries)
+    ├── ApiError                  a publish_* call got bad arguments (TypeError/ValueError too)
     └── UsageError                the command line or API was called wrongly
 
 Every error says what was wrong, where, and what to do; a GraphError carries the full list of
@@ -39,6 +41,18 @@ class NodeTypeError(KvgraphError):
 
 class ConfigError(KvgraphError):
     """A configuration value cannot be used at run time, e.g. an unset environment variable."""
+
+
+class NodeFailure(KvgraphError):
+    """A running node cannot continue, e.g. its connection is broken after every retry.
+
+    By default this stops the graph (``on_error = "fail"``); other exceptions raised while
+    handling a batch only reject that batch (``on_error = "skip"``).
+    """
+
+
+class ApiError(KvgraphError, ValueError):
+    """A ``publish_*`` call of the ``api`` source got arguments that describe no valid event."""
 
 
 class UsageError(KvgraphError):

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from .runtime import NodeContext
 
 JsonSchema = dict[str, Any]
 
@@ -77,10 +80,16 @@ class CheckContext:
 
 
 class NodeType:
-    """Base class of every node type. Subclasses set the class attributes; see module docstring.
+    """Base class of every node type: the declaration (class attributes) and the behaviour.
 
     ``name`` is what users write as ``type``. A name may be used by one source and one sink (the
     ``zmq`` source reads engines, the ``zmq`` sink re-publishes); ``kind`` tells them apart.
+    Subclass :class:`Source`, :class:`Transform` or :class:`Sink`, not this class.
+
+    An instance is one running node. The runtime builds it with a :class:`NodeContext` that holds
+    the node id, its resolved ``config`` (defaults applied, ``${ENV}`` interpolated), its metrics
+    and the ``emit``/``reject`` functions. Heavy imports (pyzmq, nats) belong in :meth:`start`,
+    so that ``validate`` never pays for them.
     """
 
     name: ClassVar[str]
@@ -92,6 +101,8 @@ class NodeType:
     extra_ports: ClassVar[tuple[str, ...]] = ()
     #: An example node table body, shown by ``kvgraph nodes NAME``.
     example: ClassVar[str] = ""
+    #: Hidden types (test helpers) run, but stay out of the catalog and the schemas.
+    hidden: ClassVar[bool] = False
 
     @classmethod
     def output_ports(cls) -> tuple[str, ...]:
@@ -134,6 +145,76 @@ class NodeType:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return {k: s["default"] for k, s in cls.options.items() if "default" in s}
+
+    @classmethod
+    def implemented(cls) -> bool:
+        """False for a type that is declared (validates, draws) but cannot run yet."""
+        return True
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    def __init__(self, ctx: "NodeContext") -> None:
+        self.ctx = ctx
+        self.id = ctx.node_id
+        self.config = ctx.config
+        self.metrics = ctx.metrics
+        self.log = ctx.log
+
+    async def start(self) -> None:
+        """Open connections and bind sockets. Sinks start first, then transforms, then sources."""
+
+    async def stop(self) -> None:
+        """Release resources. Called once, after the node finished (or on abort)."""
+
+
+class Source(NodeType):
+    """Produces batches: :meth:`run` emits with ``await self.ctx.emit(batch)`` until it is done
+    (a finite source returns) or ``self.ctx.stopping`` is set."""
+
+    kind = Kind.SOURCE
+
+    @classmethod
+    def implemented(cls) -> bool:
+        return cls.run is not Source.run
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    def on_stop(self) -> None:
+        """Called when the graph is asked to stop: wake :meth:`run` if it is waiting."""
+
+
+class Transform(NodeType):
+    """Maps each batch to zero or more batches per port: :meth:`process` emits them."""
+
+    kind = Kind.TRANSFORM
+
+    @classmethod
+    def implemented(cls) -> bool:
+        return cls.process is not Transform.process
+
+    async def process(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        """Every input is closed and drained: emit anything still held."""
+
+
+class Sink(NodeType):
+    """Consumes batches: :meth:`write` hands a batch on, :meth:`flush` confirms that everything
+    written so far was delivered. A sink counts as delivered only what a flush confirmed."""
+
+    kind = Kind.SINK
+
+    @classmethod
+    def implemented(cls) -> bool:
+        return cls.write is not Sink.write
+
+    async def write(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        """Return once everything written is delivered; raise NodeFailure if it cannot be."""
 
 
 # -- option helpers ---------------------------------------------------------------------------

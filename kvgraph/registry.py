@@ -67,17 +67,19 @@ def load() -> None:
             register(obj)
 
 
-def all_types() -> list[type[NodeType]]:
-    """Every registered type, sorted by kind (sources, transforms, sinks) then name."""
+def all_types(include_hidden: bool = False) -> list[type[NodeType]]:
+    """Every registered type, sorted by kind (sources, transforms, sinks) then name.
+
+    Hidden types (test helpers) run but stay out of the catalog, schemas and suggestions."""
     load()
     order = {Kind.SOURCE: 0, Kind.TRANSFORM: 1, Kind.SINK: 2}
-    return sorted(_types.values(), key=lambda t: (order[t.kind], t.name))
+    return sorted((t for t in _types.values() if include_hidden or not t.hidden),
+                  key=lambda t: (order[t.kind], t.name))
 
 
 def named(name: str) -> list[type[NodeType]]:
     """The types registered under ``name``: none, one, or a source and a sink."""
-    load()
-    return [t for t in all_types() if t.name == name]
+    return [t for t in all_types(include_hidden=True) if t.name == name]
 
 
 def get(name: str, kind: Kind) -> type[NodeType] | None:
@@ -86,5 +88,4 @@ def get(name: str, kind: Kind) -> type[NodeType] | None:
 
 
 def names() -> list[str]:
-    load()
-    return sorted({n for n, _ in _types})
+    return sorted({t.name for t in all_types()})

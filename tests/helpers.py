@@ -19,3 +19,90 @@ def kvgraph(*args: str, env: dict[str, str] | None = None, timeout: float = 60
     return subprocess.run([sys.executable, "-m", "kvgraph", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "NO_COLOR": "1", **(env or {})})
+
+FIXTURES = SHARED / "fixtures"
+
+
+def fixture_dirs() -> list[Path]:
+    """Every fixture stream: each vLLM version, and its bytes_hashes stream where present."""
+    out = []
+    for d in sorted(FIXTURES.glob("vllm-*"), key=lambda p: tuple(map(int, p.name[5:].split(".")))):
+        out.append(d)
+        if (d / "bytes_hashes").is_dir():
+            out.append(d / "bytes_hashes")
+    return out
+
+
+def fixture_id(d: Path) -> str:
+    return d.name if d.name != "bytes_hashes" else f"{d.parent.name}-bytes"
+
+
+def read_frames(path: Path) -> list[list[bytes]]:
+    import base64
+    import json
+
+    return [[base64.b64decode(f) for f in json.loads(line)["frames_b64"]]
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def from_json(v):  # {"hex": ...} -> bytes, recursively (fixtures/README.md)
+    if isinstance(v, dict):
+        return bytes.fromhex(v["hex"]) if set(v) == {"hex"} else {k: from_json(x)
+                                                                   for k, x in v.items()}
+    return [from_json(x) for x in v] if isinstance(v, list) else v
+
+
+def expected_batches(d: Path) -> list[dict]:
+    import json
+
+    return [from_json(json.loads(line)) for line in (d / "expected.jsonl").read_text().splitlines()]
+
+
+KIND_OF_TYPE = {"BlockStored": "stored", "BlockRemoved": "removed",
+                "AllBlocksCleared": "cleared"}
+
+
+def assert_event_matches(got: dict, want: dict, where: str = "") -> None:
+    """``got`` is a kvgraph event as a dict (JSON or struct fields); ``want`` an expected.jsonl
+    event. Every field of ``want`` must match exactly; hashes after normalisation."""
+    from kvgraph.event import normalize_hash
+
+    assert got["kind"] == KIND_OF_TYPE[want["type"]], where
+    for key, value in want.items():
+        if key == "type":
+            continue
+        name = "parent_hash" if key == "parent_block_hash" else key
+        if key == "block_hashes":
+            value = [normalize_hash(h) for h in value]
+        elif key == "parent_block_hash" and value is not None:
+            value = normalize_hash(value)
+        default = [] if name in ("block_hashes", "token_ids") else None
+        assert got.get(name, default) == value, f"{where}: {name}: {got.get(name)!r} != {value!r}"
+
+
+class ZmqPublisher:
+    """A test engine: an XPUB socket that binds, so that it can wait until a subscriber is
+    really subscribed (ZMQ's slow-joiner problem) instead of sleeping."""
+
+    def __init__(self, endpoint: str):
+        import zmq
+
+        self.zmq = zmq
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.bind(endpoint)
+        self.endpoint = endpoint
+
+    def wait_subscribed(self, timeout_ms: int = 10_000) -> None:
+        if not self.sock.poll(timeout_ms, self.zmq.POLLIN):
+            raise AssertionError("no subscriber connected")
+        msg = self.sock.recv()
+        assert msg[:1] == b"\x01", msg
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ..node import JsonSchema, Problem, boolean, number, one_or_many, string
 
@@ -71,3 +71,62 @@ def check_connection(options: Mapping[str, Any]) -> Iterable[Problem]:
     if options.get("jetstream") is False and (options.get("stream") or options.get("durable")):
         yield Problem("stream", "JetStream options are set but jetstream = false",
                       hint="set jetstream = true", severity="warning")
+
+
+async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
+                  closing: Callable[[], bool] = lambda: False) -> Any:
+    """Connect with the node's options; reconnects with backoff are nats-py's, counted here.
+    ``closing()`` tells the callbacks that a disconnect is the node's own close."""
+    import ssl
+
+    import nats
+
+    urls = config["url"]
+    opts: dict[str, Any] = {
+        "servers": [urls] if isinstance(urls, str) else list(urls),
+        "name": config.get("name", "kvgraph"),
+        "connect_timeout": config["connect_timeout_s"],
+        "reconnect_time_wait": config["reconnect_wait_s"],
+        "max_reconnect_attempts": config["max_reconnect_attempts"],
+        "allow_reconnect": True,
+    }
+    if "user" in config:
+        opts["user"], opts["password"] = config["user"], config.get("password")
+    if "token" in config:
+        opts["token"] = config["token"]
+    if "creds_file" in config:
+        opts["user_credentials"] = config["creds_file"]
+    if "nkeys_seed_file" in config:
+        opts["nkeys_seed"] = config["nkeys_seed_file"]
+    if any(k in config for k in ("tls_ca_file", "tls_cert_file")):
+        tls = ssl.create_default_context(cafile=config.get("tls_ca_file"))
+        if "tls_cert_file" in config:
+            tls.load_cert_chain(config["tls_cert_file"], config.get("tls_key_file"))
+        opts["tls"] = tls
+    if "max_pending_bytes" in config:
+        opts["pending_size"] = config["max_pending_bytes"]
+
+    for name in ("disconnects", "reconnects", "connection_errors"):
+        metrics.extra.setdefault(name, 0)
+
+    async def disconnected() -> None:
+        if closing():
+            return
+        metrics.extra["disconnects"] += 1
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def reconnected() -> None:
+        metrics.extra["reconnects"] += 1
+        log.info("reconnected to NATS")
+
+    async def error(exc: Exception) -> None:
+        metrics.extra["connection_errors"] += 1
+        log.problem("nats-error", "NATS: %s: %s", type(exc).__name__, exc)
+
+    opts.update(disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
+    return await nats.connect(**opts)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: credentials removed."""
+    return re.sub(r"//[^@/]*@", "//***@", url)

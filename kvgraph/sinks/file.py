@@ -6,14 +6,17 @@ can be replayed. Hashes are written as exact JSON integers (they may exceed 2^53
 
 from __future__ import annotations
 
-from ..node import Kind, NodeType, boolean, integer, string
+import os
+from typing import Any
+
+from ..codecs.jsonl import encode_lines
+from ..node import Sink, boolean, integer, string
 from ..registry import register
 
 
 @register
-class FileSink(NodeType):
+class FileSink(Sink):
     name = "file"
-    kind = Kind.SINK
     summary = "Write events to a JSONL file."
     options = {
         "path": string("Output file; relative paths are relative to the graph file.",
@@ -25,3 +28,26 @@ class FileSink(NodeType):
     }
     required = ("path",)
     example = 'path = "events.jsonl"'
+
+    async def start(self) -> None:
+        path = self.ctx.path(self.config["path"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("ab" if self.config["append"] else "wb")
+        self._since_sync = 0
+
+    async def write(self, batch: list[Any]) -> None:
+        self._f.write(encode_lines(batch))
+
+    async def flush(self) -> None:
+        self._f.flush()
+        every = self.config["fsync_every"]
+        if every:
+            self._since_sync += 1
+            if self._since_sync >= every:
+                os.fsync(self._f.fileno())
+                self._since_sync = 0
+
+    async def stop(self) -> None:
+        f = getattr(self, "_f", None)
+        if f is not None:
+            f.close()

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from ..node import Bind, Kind, NodeType, integer, string
+from ..node import Bind, Sink, integer, string
 from ..registry import register
 
 
 @register
-class IndexSink(NodeType):
+class IndexSink(Sink):
     name = "index"
-    kind = Kind.SINK
     summary = "Prefix index answering longest-prefix queries over HTTP."
     options = {
         "host": string("HTTP listen address.", "127.0.0.1"),

@@ -9,9 +9,12 @@ RouterEvents), ``dynamo-json`` (one RouterEvent JSON per message, the legacy sha
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Iterable, Mapping
 
-from ..node import CheckContext, Kind, NodeType, Problem, boolean, integer, number, string
+from ..errors import NodeFailure
+from ..event import Event
+from ..node import CheckContext, Sink, Problem, boolean, integer, number, string
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, check_connection
 from ..registry import register
 
@@ -21,9 +24,8 @@ _FIELD = re.compile(r"\{([^{}]*)\}")
 
 
 @register
-class NatsSink(NodeType):
+class NatsSink(Sink):
     name = "nats"
-    kind = Kind.SINK
     summary = "Publish events to NATS in Dynamo's formats or kvgraph JSONL."
     options = {
         **CONNECTION_OPTIONS,
@@ -68,3 +70,110 @@ class NatsSink(NodeType):
                           hint="tokens separated by '.', no spaces or wildcards")
         if options.get("jetstream") and not options.get("stream"):
             yield Problem("stream", "jetstream = true needs the stream name")
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from ..codecs import dynamo, jsonl
+        from ..proto.nats import connect, redact_url
+
+        c = self.config
+        if c["jetstream"]:
+            raise NodeFailure("JetStream publishing is not available yet; set jetstream = false")
+        self._dynamo, self._jsonl = dynamo, jsonl
+        try:
+            self._closing = False
+            self.nc = await connect(c, self.log, self.metrics, lambda: self._closing)
+        except Exception as exc:
+            urls = c["url"] if isinstance(c["url"], list) else [c["url"]]
+            raise NodeFailure(f"cannot connect to {', '.join(map(redact_url, urls))}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        self._subject = c["subject"]
+        self._templated = "{" in self._subject
+        self._ids = dynamo.EventIds()
+        self._envelope = dynamo.EnvelopeWriter()
+        self._per_message = min(c["events_per_message"], dynamo.MAX_EVENTS_PER_ENVELOPE) \
+            if c["format"] == "dynamo-msgpack" else c["events_per_message"]
+        self._write = {"dynamo-json": self._write_dynamo_json,
+                       "dynamo-msgpack": self._write_dynamo_msgpack,
+                       "jsonl": self._write_jsonl}[c["format"]]
+
+    def _subject_of(self, e: Any) -> str:
+        if not self._templated:
+            return self._subject
+        return self._subject.format(worker_id=getattr(e, "worker_id", "unknown"),
+                                    dp_rank=getattr(e, "dp_rank", "unknown"))
+
+    def _by_subject(self, items: list[Any]) -> dict[str, list[Any]]:
+        if not self._templated:
+            return {self._subject: items}
+        groups: dict[str, list[Any]] = {}
+        for e in items:
+            groups.setdefault(self._subject_of(e), []).append(e)
+        return groups
+
+    async def write(self, batch: list[Any]) -> None:
+        await self._write(batch)
+
+    async def _write_jsonl(self, batch: list[Any]) -> None:
+        publish, n = self.nc.publish, self._per_message
+        for subject, items in self._by_subject(batch).items():
+            for i in range(0, len(items), n):
+                await publish(subject, self._jsonl.encode_lines(items[i:i + n]))
+
+    def _router_events(self, batch: list[Any]) -> tuple[list[tuple[Event, dict[str, Any]]],
+                                                        list[Any]]:
+        """RouterEvents for the events that convert; error records for the rest. Ids are
+        taken only by events that are sent, so they stay contiguous."""
+        dynamo, bs, full = self._dynamo, self.config["block_size"], self.config["storage_tier"]
+        ok, bad = [], []
+        for e in batch:
+            if not isinstance(e, Event):
+                bad.append(self.ctx.rejected("not an event (an error record cannot be sent in "
+                                             "a Dynamo format; use format = \"jsonl\")"))
+                continue
+            try:
+                if e.kind == "stored":
+                    dynamo.block_hashes_for(e, bs)  # raises before an id is taken
+            except dynamo.ConversionError as exc:
+                bad.append(self.ctx.rejected(str(exc), e))
+                continue
+            ok.append((e, dynamo.router_event(e, self._ids.next(e.worker_id, e.dp_rank), bs,
+                                              full)))
+        return ok, bad
+
+    async def _write_dynamo_json(self, batch: list[Any]) -> None:
+        ok, bad = self._router_events(batch)
+        publish, enc = self.nc.publish, self._dynamo.encode_json
+        for e, r in ok:
+            await publish(self._subject_of(e), enc(r))
+        await self.ctx.reject(bad)
+
+    async def _write_dynamo_msgpack(self, batch: list[Any]) -> None:
+        ok, bad = self._router_events(batch)
+        publish, n = self.nc.publish, self._per_message
+        now_ms = int(time.time() * 1000)
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for e, r in ok:
+            groups.setdefault(self._subject_of(e), []).append(r)
+        for subject, routers in groups.items():
+            for i in range(0, len(routers), n):
+                await publish(subject, self._envelope.encode(routers[i:i + n], now_ms))
+        await self.ctx.reject(bad)
+
+    async def flush(self) -> None:
+        """Core NATS has no acks: a flush (PING/PONG) proves the server has everything."""
+        try:
+            await self.nc.flush(timeout=self.config["connect_timeout_s"] * 5)
+        except Exception as exc:
+            raise NodeFailure(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
+
+    async def stop(self) -> None:
+        nc = getattr(self, "nc", None)
+        self._closing = True
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.flush(timeout=2)
+            except Exception:
+                pass
+            await nc.close()

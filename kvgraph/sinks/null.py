@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from ..node import Kind, NodeType
+from typing import Any
+
+from ..node import Sink
 from ..registry import register
 
 
 @register
-class NullSink(NodeType):
+class NullSink(Sink):
     name = "null"
-    kind = Kind.SINK
     summary = "Discard events (counted as delivered)."
+
+    async def write(self, batch: list[Any]) -> None:
+        pass

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from ..node import Bind, CheckContext, Kind, NodeType, Problem, boolean, integer, string
+from ..node import Bind, CheckContext, Sink, Problem, boolean, integer, string
 from ..proto.zmq import parse_endpoint
 from ..registry import register
 
 
 @register
-class ZmqSink(NodeType):
+class ZmqSink(Sink):
     name = "zmq"
-    kind = Kind.SINK
     summary = "Re-publish events on a ZMQ PUB socket in vLLM's wire format."
     options = {
         "endpoint": string("PUB endpoint, e.g. tcp://*:5557.", examples=["tcp://*:5557"]),

@@ -8,17 +8,26 @@ format through a real PUB socket, standing in for engines in front of any consum
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
+from array import array
+from collections import OrderedDict
 from typing import Any, Iterable, Mapping
 
-from ..node import (Bind, CheckContext, Kind, NodeType, Problem, integer, number, string)
+import msgspec
+import xxhash
+
+from ..codecs.vllm import encode_payload
+from ..event import CLEARED, REMOVED, STORED, Event
+from ..node import (Bind, CheckContext, Source, Problem, integer, number, string)
 from ..proto.zmq import parse_endpoint, rank_endpoints
 from ..registry import register
 
 
 @register
-class SyntheticSource(NodeType):
+class SyntheticSource(Source):
     name = "synthetic"
-    kind = Kind.SOURCE
     summary = "Load generator: simulated engines sharing prefixes, evicting and clearing."
     options = {
         "workers": integer("Number of simulated engines (worker ids 0..workers-1).", 4,
@@ -69,3 +78,159 @@ class SyntheticSource(NodeType):
             n = options.get("workers", 4) if ep.startswith("tcp://") else 1
             for address in rank_endpoints(ep, n, 1):
                 yield Bind("zmq_endpoint", address)
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config
+        self.sim = Simulation(c["workers"], c["block_size"], c["seed"], c["prompt_blocks_mean"],
+                              c["prefix_share"], c["system_prompts"], c["cache_blocks"],
+                              c["clear_probability"])
+        self._socks: list[Any] = []
+        if "zmq_endpoint" in c:
+            import zmq
+
+            self._zctx = zmq.Context.instance()
+            ep = c["zmq_endpoint"]
+            endpoints = rank_endpoints(ep, c["workers"], 1) if ep.startswith("tcp://") else [ep]
+            for address in endpoints:
+                sock = self._zctx.socket(zmq.PUB)
+                sock.setsockopt(zmq.SNDHWM, 100_000)
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.bind(address)
+                self._socks.append(sock)
+            self.log.info("publishing vLLM frames on %s", ", ".join(endpoints))
+
+    async def run(self) -> None:
+        c = self.config
+        per_batch, max_events = c["events_per_batch"], c["max_events"]
+        interval = per_batch / c["rate"] if c["rate"] else 0.0
+        loop = asyncio.get_running_loop()
+        started = next_at = loop.time()
+        deadline = started + c["duration_s"] if c["duration_s"] else None
+        produced = 0
+        seqs = [0] * c["workers"]
+        encoding = c["zmq_encoding"]
+        while not self.ctx.stopping.is_set():
+            if max_events and produced >= max_events:
+                return
+            if deadline is not None and loop.time() >= deadline:
+                return
+            want = per_batch if not max_events else min(per_batch, max_events - produced)
+            worker, events = self.sim.step(want)
+            now = time.time()
+            seq = seqs[worker]
+            seqs[worker] += 1
+            events = [msgspec.structs.replace(e, seq=seq, ts=now) for e in events]
+            if self._socks:
+                sock = self._socks[worker % len(self._socks)]
+                sock.send_multipart([f"kv@synthetic-{worker}@synthetic".encode(),
+                                     seq.to_bytes(8, "big"),
+                                     encode_payload(events, now, 0, encoding)])
+            produced += len(events)
+            self.metrics.events_in += len(events)
+            await self.ctx.emit(events)
+            if interval:
+                next_at += interval * len(events) / per_batch
+                delay = next_at - loop.time()
+                await asyncio.sleep(delay if delay > 0 else 0)
+            else:
+                await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        for sock in getattr(self, "_socks", []):
+            sock.close()
+
+
+class Simulation:
+    """Engines serving requests whose prompts share prefixes; deterministic for a seed.
+
+    Block hashes are content-addressed and chained (a block's hash covers its parent's hash and
+    its tokens), as in vLLM's prefix caching, so the same prefix has the same hashes on every
+    engine that computed it.
+    """
+
+    VOCAB = 151_936
+
+    def __init__(self, workers: int, block_size: int, seed: int, prompt_blocks_mean: float,
+                 prefix_share: float, system_prompts: int, cache_blocks: int,
+                 clear_probability: float):
+        self.rng = random.Random(seed)
+        self.workers, self.block_size = workers, block_size
+        self.mean, self.share = prompt_blocks_mean, prefix_share
+        self.capacity, self.p_clear = cache_blocks, clear_probability
+        self.caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(workers)]
+        self.system = [self._tokens(self.rng.randint(1, 4) * block_size)
+                       for _ in range(system_prompts)]
+        self.conversations: list[list[int]] = []
+        self.next_worker = 0
+        self.pending: list[list[Event]] = [[] for _ in range(workers)]
+
+    def _tokens(self, n: int) -> list[int]:
+        r = self.rng.randrange
+        return [r(self.VOCAB) for _ in range(n)]
+
+    def _prompt(self) -> list[int]:
+        n = max(1, int(self.rng.expovariate(1 / self.mean) * self.block_size))
+        roll = self.rng.random()
+        if roll < self.share / 2 and self.conversations:
+            history = self.rng.choice(self.conversations)
+            prompt = history + self._tokens(n)
+        elif roll < self.share:
+            prompt = self.rng.choice(self.system) + self._tokens(n)
+        else:
+            prompt = self._tokens(n)
+        if len(self.conversations) < 256:
+            self.conversations.append(prompt)
+        else:
+            self.conversations[self.rng.randrange(256)] = prompt
+        return prompt
+
+    def _request(self, worker: int) -> list[Event]:
+        """One request on one engine: stores for the blocks it lacks, removes for evictions."""
+        bs = self.block_size
+        tokens = self._prompt()
+        cache = self.caches[worker]
+        events: list[Event] = []
+        parent: int | None = None
+        new_hashes: list[int] = []
+        new_tokens: list[int] = []
+        first_parent: int | None = None
+        h_prev = 0
+        for i in range(len(tokens) // bs):
+            block = tokens[i * bs:(i + 1) * bs]
+            h = xxhash.xxh3_64_intdigest(array("I", block).tobytes(), h_prev)
+            h_prev = h
+            if h in cache and not new_hashes:
+                cache.move_to_end(h)
+                parent = h
+                continue
+            if not new_hashes:
+                first_parent = parent
+            new_hashes.append(h)
+            new_tokens.extend(block)
+            cache[h] = None
+            cache.move_to_end(h)
+        if new_hashes:
+            events.append(Event(kind=STORED, worker_id=worker, dp_rank=0,
+                                block_hashes=new_hashes, parent_hash=first_parent,
+                                token_ids=new_tokens, block_size=bs, medium="GPU"))
+        while len(cache) > self.capacity:
+            evicted, _ = cache.popitem(last=False)
+            events.append(Event(kind=REMOVED, worker_id=worker, dp_rank=0,
+                                block_hashes=[evicted], medium="GPU"))
+        return events
+
+    def step(self, n: int) -> tuple[int, list[Event]]:
+        """The next engine step: up to ``n`` events from one engine (round robin)."""
+        worker = self.next_worker
+        self.next_worker = (worker + 1) % self.workers
+        pending = self.pending[worker]
+        if self.rng.random() < self.p_clear:
+            self.caches[worker].clear()
+            pending.clear()
+            return worker, [Event(kind=CLEARED, worker_id=worker, dp_rank=0)]
+        while len(pending) < n:
+            pending.extend(self._request(worker))
+        out, self.pending[worker] = pending[:n], pending[n:]
+        return worker, out

@@ -7,17 +7,17 @@ By default this node connects a SUB socket to the engine, which binds (vLLM bind
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Mapping
 
-from ..node import Bind, CheckContext, Kind, NodeType, Problem, boolean, integer, string
+from ..node import Bind, CheckContext, Source, Problem, boolean, integer, string
 from ..proto.zmq import parse_endpoint, rank_endpoints
 from ..registry import register
 
 
 @register
-class ZmqSource(NodeType):
+class ZmqSource(Source):
     name = "zmq"
-    kind = Kind.SOURCE
     summary = "Read KV events from a vLLM, SGLang or TensorRT-LLM ZMQ publisher."
     options = {
         "endpoint": string("The engine's PUB endpoint: tcp://HOST:PORT, ipc://PATH or "
@@ -76,3 +76,62 @@ class ZmqSource(NodeType):
             for ep in rank_endpoints(options["endpoint"], options.get("dp_ranks", 1),
                                      options.get("dp_rank_port_offset", 1)):
                 yield Bind("endpoint", ep)
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        from ._frames import FrameIngest
+
+        c = self.config
+        self._zmq = zmq
+        # A plain socket for non-blocking receives, and an asyncio shadow of it to await
+        # readability only when it is empty.
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, c["hwm"])
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, c["topic"].encode())
+        endpoints = rank_endpoints(c["endpoint"], c["dp_ranks"], c["dp_rank_port_offset"])
+        for ep in endpoints:
+            (sock.bind if c["bind"] else sock.connect)(ep)
+        self._sock = sock
+        self._waiter = zmq.asyncio.Socket.from_socket(sock)
+        self._ingest = FrameIngest(self.id, self.metrics, c["worker_id"], c["worker_id_from"],
+                                   c["block_size"], self.log)
+        self.log.info("%s %s", "bound" if c["bind"] else "connected to", ", ".join(endpoints))
+
+    async def run(self) -> None:
+        """Drain the socket without awaiting each message; await only when it is empty."""
+        zmq, sock, waiter = self._zmq, self._sock, self._waiter
+        recv = sock.recv_multipart
+        noblock = zmq.NOBLOCK
+        again = zmq.Again
+        ingest = self._ingest.ingest
+        limit = self.config["max_batch_events"]
+        stopping = self.ctx.stopping
+        emit, reject = self.ctx.emit, self.ctx.reject
+
+        while not stopping.is_set():
+            events: list[Any] = []
+            rejected: list[Any] = []
+            now = time.time()
+            while len(events) < limit:
+                try:
+                    frames = recv(noblock)
+                except again:
+                    break
+                ingest(frames, events, rejected, now)
+            if events:
+                self.metrics.events_in += len(events)
+                await emit(events)
+            if rejected:
+                await reject(rejected)
+            if not events and not rejected:
+                await waiter.poll(100, zmq.POLLIN)
+
+    async def stop(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close(0)

@@ -7,14 +7,13 @@ A run is flushed on a kind change, a worker, DP rank or tier change, a chain bre
 
 from __future__ import annotations
 
-from ..node import Kind, NodeType, integer, number
+from ..node import Transform, integer, number
 from ..registry import register
 
 
 @register
-class Batch(NodeType):
+class Batch(Transform):
     name = "batch"
-    kind = Kind.TRANSFORM
     summary = "Merge adjacent stores (same chain) and removes into larger events."
     options = {
         "max_events": integer("Most input events merged into one output event.", 128,

@@ -7,18 +7,75 @@ unknown hash passes (the index downstream may know it) and is counted.
 
 from __future__ import annotations
 
-from ..node import Kind, NodeType, integer, string
+import msgspec
+
+from ..event import REMOVED, STORED, Event
+from ..node import Transform, integer, string
 from ..registry import register
 
 
 @register
-class Dedup(NodeType):
+class Dedup(Transform):
     name = "dedup"
-    kind = Kind.TRANSFORM
     summary = "Reference-counted store/remove filter, per worker and DP rank."
+    # A remove event whose hashes are partly still referenced passes with only the hashes
+    # whose count reached zero; a remove that keeps none is discarded (intentionally).
     options = {
         "unknown_removes": string("What to do with a remove of a hash never stored: `pass` it "
                                   "on (counted) or `drop` it.", "pass", enum=["pass", "drop"]),
         "max_blocks": integer("Most hashes tracked per (worker, dp_rank) before the oldest "
                               "counts are forgotten (bounds memory).", 4_000_000, minimum=1),
     }
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._counts: dict[tuple[int, int], dict[int, int]] = {}
+        for name in ("unknown_removes", "duplicate_stores", "forgotten"):
+            self.metrics.extra.setdefault(name, 0)
+
+    async def process(self, batch: list[Event]) -> None:
+        out: list[Event] = []
+        counts_of = self._counts
+        extra = self.metrics.extra
+        drop_unknown = self.config["unknown_removes"] == "drop"
+        limit = self.config["max_blocks"]
+        for e in batch:
+            key = (e.worker_id, e.dp_rank)
+            if e.kind == STORED:
+                counts = counts_of.get(key)
+                if counts is None:
+                    counts = counts_of[key] = {}
+                for h in e.block_hashes:
+                    c = counts.get(h, 0)
+                    if c:
+                        extra["duplicate_stores"] += 1
+                    counts[h] = c + 1
+                while len(counts) > limit:
+                    counts.pop(next(iter(counts)))
+                    extra["forgotten"] += 1
+                out.append(e)
+            elif e.kind == REMOVED:
+                counts = counts_of.get(key, {})
+                passing = []
+                for h in e.block_hashes:
+                    c = counts.get(h)
+                    if c is None:
+                        extra["unknown_removes"] += 1
+                        if not drop_unknown:
+                            passing.append(h)
+                    elif c <= 1:
+                        del counts[h]
+                        passing.append(h)
+                    else:
+                        counts[h] = c - 1
+                if len(passing) == len(e.block_hashes):
+                    out.append(e)
+                else:
+                    if passing:
+                        out.append(msgspec.structs.replace(e, block_hashes=passing))
+            else:
+                counts_of.pop(key, None)
+                out.append(e)
+        self.metrics.discarded_intentional += len(batch) - len(out)
+        await self.ctx.emit(out)

@@ -8,9 +8,10 @@ Dynamo drops the events of non-main attention groups of hybrid models; ``group_i
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from ..node import CheckContext, Kind, NodeType, Problem, array, boolean, integer, string
+from ..event import CLEARED, Event
+from ..node import CheckContext, Transform, Problem, array, boolean, integer, string
 from ..registry import register
 
 PREDICATES = ("kinds", "medium", "group_idx", "kv_cache_spec_kind", "worker_id", "dp_rank",
@@ -18,9 +19,8 @@ PREDICATES = ("kinds", "medium", "group_idx", "kv_cache_spec_kind", "worker_id",
 
 
 @register
-class Filter(NodeType):
+class Filter(Transform):
     name = "filter"
-    kind = Kind.TRANSFORM
     summary = "Keep events by kind, medium, group, worker, DP rank or LoRA."
     options = {
         "kinds": array("Event kinds to keep.",
@@ -51,3 +51,49 @@ class Filter(NodeType):
         if not any(p in options for p in PREDICATES):
             yield Problem("", "filter has no predicate: it passes everything",
                           hint="set one of " + ", ".join(PREDICATES), severity="warning")
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.test = compile_predicate(self.config)
+        self.invert = self.config["invert"]
+        self.keep_cleared = self.config["keep_cleared"]
+
+    async def process(self, batch: list[Event]) -> None:
+        test, invert, keep_cleared = self.test, self.invert, self.keep_cleared
+        kept = [e for e in batch
+                if (keep_cleared and e.kind == CLEARED) or test(e) != invert]
+        self.metrics.discarded_intentional += len(batch) - len(kept)
+        await self.ctx.emit(kept if len(kept) != len(batch) else batch)
+
+
+def compile_predicate(c: Mapping[str, Any]) -> Callable[[Event], bool]:
+    """One closure testing every configured predicate; absent ones cost nothing."""
+    checks: list[Callable[[Event], bool]] = []
+    if "kinds" in c:
+        kinds = frozenset(c["kinds"])
+        checks.append(lambda e: e.kind in kinds)
+    if "medium" in c:
+        media = frozenset(m.upper() for m in c["medium"])
+        checks.append(lambda e: (e.medium or "GPU").upper() in media)
+    if "group_idx" in c:
+        groups = frozenset(c["group_idx"])
+        checks.append(lambda e: (e.group_idx or 0) in groups)
+    if "kv_cache_spec_kind" in c:
+        specs = frozenset(c["kv_cache_spec_kind"])
+        checks.append(lambda e: e.kv_cache_spec_kind is None or e.kv_cache_spec_kind in specs)
+    if "worker_id" in c:
+        workers = frozenset(c["worker_id"])
+        checks.append(lambda e: e.worker_id in workers)
+    if "dp_rank" in c:
+        ranks = frozenset(c["dp_rank"])
+        checks.append(lambda e: e.dp_rank in ranks)
+    if "lora_name" in c:
+        loras = frozenset(c["lora_name"])
+        checks.append(lambda e: (e.lora_name or "") in loras)
+    if not checks:
+        return lambda e: True
+    if len(checks) == 1:
+        return checks[0]
+    return lambda e: all(check(e) for check in checks)

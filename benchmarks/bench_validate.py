@@ -1,0 +1,50 @@
+"""Validation speed: a 1,000-node graph in-process, and `kvgraph validate` as a whole process.
+
+    python3 benchmarks/bench_validate.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def big_graph(n: int = 1000) -> str:
+    parts = ['[graph]\nname = "big"\n[nodes.src]\ntype = "synthetic"\n']
+    parts += [f'[nodes.f{i}]\ntype = "filter"\nkinds = ["stored"]\n' for i in range(n - 2)]
+    parts.append('[nodes.sink]\ntype = "null"\n')
+    chain = ["src", *(f"f{i}" for i in range(n - 2)), "sink"]
+    parts += [f'[[edges]]\nfrom = "{a}"\nto = "{b}"\n' for a, b in zip(chain, chain[1:])]
+    return "".join(parts)
+
+
+def main() -> None:
+    from kvgraph import validate_text
+
+    text = big_graph()
+    validate_text(text)  # warm: imports and compiled validators
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        result = validate_text(text)
+        times.append(time.perf_counter() - t0)
+    assert result.ok
+    print(f"validate 1,000-node graph in-process: median {statistics.median(times)*1e3:.0f} ms")
+
+    proc = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "kvgraph", "validate", "-q",
+                        str(ROOT / "graphs" / "demo.toml")], check=True)
+        proc.append(time.perf_counter() - t0)
+    print(f"`kvgraph validate graphs/demo.toml` as a process: median "
+          f"{statistics.median(proc)*1e3:.0f} ms (target < 300 ms)")
+
+
+if __name__ == "__main__":
+    main()

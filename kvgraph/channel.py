@@ -1,0 +1,188 @@
+"""Bounded channels of batches between nodes, and the inbox that merges a node's inputs.
+
+One :class:`Channel` per edge, with the edge's ``capacity`` (in batches) and ``when_full``:
+``block`` suspends the sender until there is room (backpressure reaches the source),
+``drop_newest`` discards the batch being sent, ``drop_oldest`` the oldest queued one; drops are
+counted, never silent. A port that feeds several edges sends the same batch to each (fan-out);
+a node with several input edges reads them through one :class:`Inbox` (fan-in), round-robin so
+that no input starves another.
+
+Channels are single-threaded (asyncio); sends and receives that need not wait never yield.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+Batch = list[Any]
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """A snapshot, like trio's ``MemoryChannel.statistics()``, plus counters."""
+
+    name: str
+    capacity: int
+    current: int            # batches queued now
+    current_events: int
+    peak: int               # most batches ever queued at once
+    waiting_senders: int
+    sent_batches: int
+    sent_events: int
+    dropped_batches: int
+    dropped_events: int
+    when_full: str
+
+
+class Channel:
+    __slots__ = ("name", "capacity", "when_full", "_q", "_inbox", "_space", "closed", "peak",
+                 "sent_batches", "sent_events", "dropped_batches", "dropped_events",
+                 "queued_events", "src", "dst")
+
+    def __init__(self, name: str, capacity: int, when_full: str = "block",
+                 src: str = "", dst: str = ""):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        if when_full not in ("block", "drop_newest", "drop_oldest"):
+            raise ValueError(f"unknown when_full {when_full!r}")
+        self.name, self.capacity, self.when_full = name, capacity, when_full
+        self.src, self.dst = src, dst
+        self._q: deque[Batch] = deque()
+        self._inbox: Inbox | None = None
+        self._space: deque[asyncio.Future[None]] = deque()
+        self.closed = False
+        self.peak = self.sent_batches = self.sent_events = 0
+        self.dropped_batches = self.dropped_events = self.queued_events = 0
+
+    def _append(self, batch: Batch) -> None:
+        q = self._q
+        q.append(batch)
+        n = len(batch)
+        self.queued_events += n
+        self.sent_batches += 1
+        self.sent_events += n
+        if len(q) > self.peak:
+            self.peak = len(q)
+        if self._inbox is not None:
+            self._inbox.wake()
+
+    async def send(self, batch: Batch) -> int:
+        """Queue ``batch``; returns how many events a full channel dropped to make it fit (0
+        unless the policy is ``drop_newest`` or ``drop_oldest``)."""
+        if self.closed:
+            raise RuntimeError(f"channel {self.name} is closed")
+        if len(self._q) < self.capacity:
+            self._append(batch)
+            return 0
+        if self.when_full == "drop_newest":
+            self._drop(batch)
+            return len(batch)
+        if self.when_full == "drop_oldest":
+            old = self._q.popleft()
+            self._drop(old, queued=True)
+            self._append(batch)
+            return len(old)
+        loop = asyncio.get_running_loop()
+        while len(self._q) >= self.capacity:
+            fut = loop.create_future()
+            self._space.append(fut)
+            try:
+                await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+                if fut in self._space:
+                    self._space.remove(fut)
+        self._append(batch)
+        return 0
+
+    def _drop(self, batch: Batch, queued: bool = False) -> None:
+        self.dropped_batches += 1
+        self.dropped_events += len(batch)
+        if queued:
+            self.queued_events -= len(batch)
+
+    def get_nowait(self) -> Batch | None:
+        if not self._q:
+            return None
+        batch = self._q.popleft()
+        self.queued_events -= len(batch)
+        while self._space:
+            fut = self._space.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+        return batch
+
+    def close(self) -> None:
+        """The sender is done; the receiver drains what is queued, then sees the end."""
+        self.closed = True
+        if self._inbox is not None:
+            self._inbox.wake()
+
+    def clear(self) -> int:
+        """Discard everything queued (abort); returns the number of events lost."""
+        lost = self.queued_events
+        self._q.clear()
+        self.queued_events = 0
+        return lost
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def statistics(self) -> ChannelStats:
+        return ChannelStats(self.name, self.capacity, len(self._q), self.queued_events,
+                            self.peak, len(self._space), self.sent_batches, self.sent_events,
+                            self.dropped_batches, self.dropped_events, self.when_full)
+
+
+class Inbox:
+    """All input channels of one node, read as one stream (fan-in)."""
+
+    __slots__ = ("channels", "_waiter", "_next")
+
+    def __init__(self, channels: list[Channel]):
+        self.channels = channels
+        self._waiter: asyncio.Future[None] | None = None
+        self._next = 0
+        for ch in channels:
+            ch._inbox = self
+
+    def wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def get_nowait(self) -> Batch | None:
+        chs = self.channels
+        n = len(chs)
+        for k in range(n):
+            i = (self._next + k) % n
+            if chs[i]._q:
+                self._next = (i + 1) % n
+                return chs[i].get_nowait()
+        return None
+
+    @property
+    def exhausted(self) -> bool:
+        return all(ch.closed and not ch._q for ch in self.channels)
+
+    def empty(self) -> bool:
+        return not any(ch._q for ch in self.channels)
+
+    async def get(self) -> Batch | None:
+        """The next batch, or None once every input is closed and drained."""
+        while True:
+            batch = self.get_nowait()
+            if batch is not None:
+                return batch
+            if self.exhausted:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None

@@ -1,0 +1,252 @@
+"""NVIDIA Dynamo's KV-router formats: RouterEvent, tokens_hash, event ids, storage tiers.
+
+See ``shared/specs/dynamo-interop.md``. A RouterEvent (JSON, Dynamo 1.6.1):
+
+    {"worker_id": 7, "storage_tier": "device", "residency_domain": "worker",
+     "event": {"event_id": 1,
+               "data": {"stored": {"parent_hash": null, "start_position": null,
+                                   "blocks": [{"block_hash": 111, "tokens_hash": 9143..., "mm_extra_info": null}]}},
+               "dp_rank": 0}}
+
+``tokens_hash`` is Dynamo's own hash of a block's tokens (the router's tree key):
+``XXH3_64(little-endian u32 tokens, seed)`` with ``seed = 1337`` plus ``XXH3_64(lora_name, 0)``
+with a LoRA, plus ``XXH3_64(namespace, 1)`` with a cache namespace (wrapping at 2^64).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from typing import Any
+
+import msgspec
+import xxhash
+
+from ..event import CLEARED, REMOVED, STORED, U64_MASK, Event
+
+BASE_SEED = 1337
+_xxh3 = xxhash.xxh3_64_intdigest
+
+TIERS = {
+    "GPU": "device", "DEVICE": "device",
+    "CPU": "host_pinned", "CPU_PINNED": "host_pinned", "CPU_TIER1": "host_pinned",
+    "CPU_TIER2": "disk", "DISK": "disk", "NVME": "disk", "STORAGE": "disk",
+    "EXTERNAL": "external", "NETWORK": "external", "REMOTE": "external", "SHARED": "external",
+}
+MEDIUM_OF_TIER = {"device": "GPU", "host_pinned": "CPU", "disk": "DISK", "external": "EXTERNAL"}
+
+
+class ConversionError(ValueError):
+    """An event that cannot become a valid RouterEvent; the message is the reason."""
+
+
+def seed_for(lora_name: str | None = None, cache_namespace: str | None = None) -> int:
+    seed = BASE_SEED
+    if lora_name:
+        seed = (seed + _xxh3(lora_name.encode(), 0)) & U64_MASK
+    if cache_namespace:
+        seed = (seed + _xxh3(cache_namespace.encode(), 1)) & U64_MASK
+    return seed
+
+
+def tokens_hash(token_ids: list[int], block_size: int, lora_name: str | None = None,
+                cache_namespace: str | None = None) -> list[int]:
+    """Dynamo's per-block hashes of complete blocks (a trailing partial block is dropped)."""
+    n_blocks = len(token_ids) // block_size
+    if not n_blocks:
+        return []
+    buf = array("I", token_ids[: n_blocks * block_size])
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        buf.byteswap()
+    mv = memoryview(buf.tobytes())
+    step = block_size * 4
+    seed = seed_for(lora_name, cache_namespace)
+    return [_xxh3(mv[i:i + step], seed) for i in range(0, n_blocks * step, step)]
+
+
+def storage_tier(medium: str | None) -> str:
+    if medium is None:
+        return "device"
+    return TIERS.get(medium.upper(), "external")
+
+
+class EventIds:
+    """event_id: contiguous per (worker_id, dp_rank), from 1. Only emitted events take one."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[int, int], int] = {}
+
+    def next(self, worker_id: int, dp_rank: int) -> int:
+        key = (worker_id, dp_rank)
+        n = self._last.get(key, 0) + 1
+        self._last[key] = n
+        return n
+
+
+def namespace_of(e: Event) -> str | None:
+    """The cache namespace of an event (``cache_salt``, as Dynamo's publisher API takes it)."""
+    return e.cache_salt or None
+
+
+def block_hashes_for(e: Event, block_size: int) -> list[int]:
+    """tokens_hash of each block of a stored event, or ConversionError with the reason."""
+    if e.tokens_hashes is not None:
+        if len(e.tokens_hashes) != len(e.block_hashes):
+            raise ConversionError("tokens_hashes and block_hashes differ in length")
+        return e.tokens_hashes
+    if e.block_size is not None and e.block_size != block_size:
+        raise ConversionError(
+            f"engine block_size {e.block_size} differs from the configured block_size "
+            f"{block_size}: set block_size = {e.block_size} on this node")
+    n = len(e.block_hashes)
+    if len(e.token_ids) != n * block_size:
+        raise ConversionError(
+            f"stored event has {len(e.token_ids)} token ids for {n} block(s) of {block_size}; "
+            "Dynamo's tokens_hash needs exactly block_size tokens per block"
+            + (" (offload events carry no tokens: filter medium upstream)"
+               if not e.token_ids else ""))
+    if e.token_ids and not isinstance(e.token_ids[0], int):
+        raise ConversionError("token_ids are not plain integers (EAGLE pairs are not supported)")
+    return tokens_hash(e.token_ids, block_size, e.lora_name, namespace_of(e))
+
+
+def router_event(e: Event, event_id: int, block_size: int, full: bool = True) -> dict[str, Any]:
+    """The RouterEvent of one event. ``full`` adds the 1.6.1 fields (storage_tier,
+    residency_domain, dp_rank); otherwise the minimal legacy shape."""
+    if e.kind == STORED:
+        hashes = block_hashes_for(e, block_size)
+        if full:
+            blocks = [{"block_hash": b, "tokens_hash": t, "mm_extra_info": None}
+                      for b, t in zip(e.block_hashes, hashes)]
+            data: Any = {"stored": {"parent_hash": e.parent_hash, "start_position": None,
+                                    "blocks": blocks}}
+        else:
+            data = {"stored": {"parent_hash": e.parent_hash,
+                               "blocks": [{"block_hash": b, "tokens_hash": t}
+                                          for b, t in zip(e.block_hashes, hashes)]}}
+    elif e.kind == REMOVED:
+        data = {"removed": {"block_hashes": e.block_hashes}}
+    else:
+        data = "cleared"
+    if not full:
+        return {"worker_id": e.worker_id, "event": {"event_id": event_id, "data": data}}
+    return {"worker_id": e.worker_id, "storage_tier": storage_tier(e.medium),
+            "residency_domain": "worker",
+            "event": {"event_id": event_id, "data": data, "dp_rank": e.dp_rank}}
+
+
+_json = msgspec.json.Encoder()
+
+
+def encode_json(obj: Any) -> bytes:
+    return _json.encode(obj)
+
+
+# -- decoding (the nats source reads Dynamo's stream too) --------------------------------------
+
+class _Block(msgspec.Struct):
+    block_hash: int
+    tokens_hash: int | None = None
+
+
+class _Stored(msgspec.Struct):
+    blocks: list[_Block]
+    parent_hash: int | None = None
+
+
+class _Removed(msgspec.Struct):
+    block_hashes: list[int]
+
+
+class _Data(msgspec.Struct):
+    stored: _Stored | None = None
+    removed: _Removed | None = None
+
+
+class _Inner(msgspec.Struct):
+    event_id: int
+    data: _Data | str
+    dp_rank: int = 0
+
+
+class _RouterEvent(msgspec.Struct):
+    worker_id: int
+    event: _Inner
+    storage_tier: str | None = None
+
+
+_router_json = msgspec.json.Decoder(_RouterEvent)
+
+
+def _from_router(r: _RouterEvent) -> Event:
+    medium = MEDIUM_OF_TIER.get(r.storage_tier) if r.storage_tier else None
+    d, rank = r.event.data, r.event.dp_rank
+    if isinstance(d, str):
+        if d != "cleared":
+            raise ConversionError(f"unknown RouterEvent data {d!r}")
+        return Event(kind=CLEARED, worker_id=r.worker_id, dp_rank=rank)
+    if d.stored is not None:
+        th = [b.tokens_hash for b in d.stored.blocks]
+        return Event(kind=STORED, worker_id=r.worker_id, dp_rank=rank, medium=medium,
+                     block_hashes=[b.block_hash for b in d.stored.blocks],
+                     parent_hash=d.stored.parent_hash,
+                     tokens_hashes=None if None in th else th)  # type: ignore[arg-type]
+    if d.removed is not None:
+        return Event(kind=REMOVED, worker_id=r.worker_id, dp_rank=rank, medium=medium,
+                     block_hashes=d.removed.block_hashes)
+    raise ConversionError("RouterEvent data has neither stored, removed nor cleared")
+
+
+def decode_router_json(body: bytes) -> Event:
+    """One legacy RouterEvent JSON message -> Event."""
+    try:
+        return _from_router(_router_json.decode(body))
+    except msgspec.DecodeError as exc:
+        raise ConversionError(f"not a RouterEvent: {exc}") from None
+
+
+# -- Dynamo 1.6.1 event plane: msgpack envelope around a list of RouterEvents -----------------
+
+_msgpack = msgspec.msgpack.Encoder()
+MAX_EVENTS_PER_ENVELOPE = 128
+
+
+class _Envelope(msgspec.Struct):
+    publisher_id: int
+    sequence: int
+    published_at: int
+    topic: str
+    payload: bytes
+
+
+_envelope_dec = msgspec.msgpack.Decoder(_Envelope)
+_router_list_dec = msgspec.msgpack.Decoder(list[_RouterEvent])
+
+
+class EnvelopeWriter:
+    """One publisher: a stable random ``publisher_id`` and ``sequence`` from 0 per message."""
+
+    def __init__(self, publisher_id: int | None = None):
+        import secrets
+
+        self.publisher_id = secrets.randbits(63) if publisher_id is None else publisher_id
+        self.sequence = 0
+
+    def encode(self, router_events: list[dict[str, Any]], now_ms: int) -> bytes:
+        body = {"publisher_id": self.publisher_id, "sequence": self.sequence,
+                "published_at": now_ms, "topic": "kv-events",
+                "payload": _msgpack.encode(router_events)}
+        self.sequence += 1
+        return _msgpack.encode(body)
+
+
+def decode_envelope(body: bytes) -> tuple[int, int, list[Event]]:
+    """A 1.6.1 event-plane message -> (publisher_id, sequence, events)."""
+    try:
+        env = _envelope_dec.decode(body)
+        routers = _router_list_dec.decode(env.payload)
+    except msgspec.DecodeError as exc:
+        raise ConversionError(f"not a Dynamo event-plane message: {exc}") from None
+    return env.publisher_id, env.sequence, [_from_router(r) for r in routers]

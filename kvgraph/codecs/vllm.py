@@ -1,0 +1,223 @@
+"""vLLM's KV-event wire format (also SGLang's and TensorRT-LLM's): ``[topic, seq, payload]``.
+
+The payload is a msgpack batch ``[ts, events, dp_rank]`` (``[ts, events]`` in vLLM 0.9.0). Each
+event is a tagged union in one of two encodings, which may even be mixed in one stream:
+
+* tagged arrays (vLLM <= 0.23): ``["BlockStored", f1, f2, ...]``, fields by position; arrays
+  grow as versions add fields, so missing trailing fields are None and extra ones are ignored;
+* tagged maps (vLLM >= 0.24): ``{"type": "BlockStored", ...}``, fields equal to their default
+  omitted, unknown keys ignored.
+
+Decoding uses msgspec typed structs: a homogeneous batch (the normal case) is decoded by one C
+call, and wrong field types, unknown tags and bad msgpack all surface as one ``DecodeError``
+with msgspec's precise location. Mixed batches fall back to per-event dispatch on the first
+byte. See ``shared/specs/kv-events-wire.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from ..event import CLEARED, REMOVED, STORED, Event, normalize_hash, normalize_hashes
+
+Hash = Union[int, bytes]
+SEQ_END = 0xFFFFFFFFFFFFFFFF  # the replay end marker's seq
+
+
+class DecodeError(ValueError):
+    """A message that cannot be decoded; the reason names the frame and the field."""
+
+
+# -- the wire structs (one set per encoding; field order is wire order) ------------------------
+
+class _StoredFields(msgspec.Struct):
+    block_hashes: list[Hash]
+    parent_block_hash: Hash | None = None
+    token_ids: list[Union[int, list[int]]] = []
+    block_size: int | None = None
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
+
+
+class _RemovedFields(msgspec.Struct):
+    block_hashes: list[Hash]
+    medium: str | None = None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+class _StoredA(_StoredFields, array_like=True, tag="BlockStored"):
+    pass
+
+
+class _RemovedA(_RemovedFields, array_like=True, tag="BlockRemoved"):
+    pass
+
+
+class _ClearedA(msgspec.Struct, array_like=True, tag="AllBlocksCleared"):
+    pass
+
+
+class _StoredM(_StoredFields, tag="BlockStored", tag_field="type"):
+    pass
+
+
+class _RemovedM(_RemovedFields, tag="BlockRemoved", tag_field="type"):
+    pass
+
+
+class _ClearedM(msgspec.Struct, tag="AllBlocksCleared", tag_field="type"):
+    pass
+
+
+_ArrayEvent = Union[_StoredA, _RemovedA, _ClearedA]
+_MapEvent = Union[_StoredM, _RemovedM, _ClearedM]
+
+
+class _BatchA(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_ArrayEvent]
+    data_parallel_rank: int | None = None
+
+
+class _BatchM(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_MapEvent]
+    data_parallel_rank: int | None = None
+
+
+class _BatchRaw(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+
+
+_dec_a = msgspec.msgpack.Decoder(_BatchA)
+_dec_m = msgspec.msgpack.Decoder(_BatchM)
+_dec_raw = msgspec.msgpack.Decoder(_BatchRaw)
+_dec_event_a = msgspec.msgpack.Decoder(_ArrayEvent)
+_dec_event_m = msgspec.msgpack.Decoder(_MapEvent)
+
+
+_typed = [_dec_m, _dec_a]  # the encoding that worked last is tried first
+
+
+def _decode_batch(payload: bytes) -> Any:
+    for i, dec in enumerate(_typed):
+        try:
+            batch = dec.decode(payload)
+        except msgspec.DecodeError:
+            continue
+        if i:
+            _typed.reverse()
+        return batch
+    # Mixed encodings, or malformed: decode event by event for a precise reason.
+    try:
+        raw = _dec_raw.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"payload: {exc}") from None
+    events = []
+    for i, r in enumerate(raw.events):
+        first = memoryview(r)[0] if len(r) else 0
+        is_map = 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+        try:
+            events.append((_dec_event_m if is_map else _dec_event_a).decode(r))
+        except msgspec.DecodeError as exc:
+            raise DecodeError(f"payload: event {i}: {exc}") from None
+    raw.events = events
+    return raw
+
+
+def decode_payload(payload: bytes, worker_id: int = 0, seq: int | None = None
+                   ) -> tuple[float, int | None, list[Event]]:
+    """Decode one batch payload into events. Raises DecodeError on anything malformed."""
+    b = _decode_batch(payload)
+    dp_rank = b.data_parallel_rank
+    rank = dp_rank or 0
+    ts = b.ts
+    out: list[Event] = []
+    append = out.append
+    for e in b.events:
+        if type(e) is _StoredA or type(e) is _StoredM:
+            parent = e.parent_block_hash
+            append(Event(
+                kind=STORED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts,
+                block_hashes=normalize_hashes(e.block_hashes),
+                parent_hash=None if parent is None else normalize_hash(parent),
+                token_ids=e.token_ids, block_size=e.block_size, lora_id=e.lora_id,
+                lora_name=e.lora_name, medium=e.medium, extra_keys=e.extra_keys,
+                group_idx=e.group_idx, kv_cache_spec_kind=e.kv_cache_spec_kind,
+                kv_cache_spec_sliding_window=e.kv_cache_spec_sliding_window,
+                locality=e.locality, ownership=e.ownership, session_id=e.session_id,
+                lookahead_token_ids=e.lookahead_token_ids))
+        elif type(e) is _RemovedA or type(e) is _RemovedM:
+            append(Event(kind=REMOVED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts,
+                         block_hashes=normalize_hashes(e.block_hashes), medium=e.medium,
+                         group_idx=e.group_idx, locality=e.locality, ownership=e.ownership))
+        else:
+            append(Event(kind=CLEARED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts))
+    return ts, dp_rank, out
+
+
+def parse_seq(frame: bytes) -> int:
+    if len(frame) != 8:
+        raise DecodeError(f"seq frame is {len(frame)} bytes, expected 8 (big-endian uint64)")
+    return int.from_bytes(frame, "big")
+
+
+def split_frames(frames: list[bytes]) -> tuple[bytes, int, bytes]:
+    """``[topic, seq, payload]`` -> its parts, or DecodeError naming what is wrong."""
+    if len(frames) != 3:
+        raise DecodeError(f"message has {len(frames)} frame(s), expected 3 "
+                          "(topic, seq, payload)")
+    topic, seq, payload = frames
+    return topic, parse_seq(seq), payload
+
+
+# -- encoding (the zmq sink and the synthetic source speak vLLM too) ---------------------------
+
+_STORED_ARRAY_FIELDS = tuple(_StoredFields.__struct_fields__)
+_REMOVED_ARRAY_FIELDS = tuple(_RemovedFields.__struct_fields__)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def _wire_value(e: Event, name: str) -> Any:
+    return e.parent_hash if name == "parent_block_hash" else getattr(e, name)
+
+
+def event_to_wire(e: Event, encoding: str = "map") -> Any:
+    """One event as vLLM would put it on the wire (``map`` as vLLM >= 0.24, or ``array``)."""
+    if e.kind == STORED:
+        tag, fields = "BlockStored", _STORED_ARRAY_FIELDS
+    elif e.kind == REMOVED:
+        tag, fields = "BlockRemoved", _REMOVED_ARRAY_FIELDS
+    else:
+        return ["AllBlocksCleared"] if encoding == "array" else {"type": "AllBlocksCleared"}
+    if encoding == "array":
+        return [tag, *(_wire_value(e, f) for f in fields)]
+    out: dict[str, Any] = {"type": tag}
+    for i, f in enumerate(fields):
+        v = _wire_value(e, f)
+        if v is not None or i < (7 if tag == "BlockStored" else 2):  # vLLM's required fields
+            out[f] = v
+    return out
+
+
+def encode_payload(events: list[Event], ts: float, dp_rank: int | None = 0,
+                   encoding: str = "map") -> bytes:
+    body: list[Any] = [ts, [event_to_wire(e, encoding) for e in events]]
+    if dp_rank is not None:
+        body.append(dp_rank)
+    return _encoder.encode(body)

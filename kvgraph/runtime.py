@@ -1,0 +1,421 @@
+"""Run a validated graph: one asyncio task per node, joined by bounded channels.
+
+Lifecycle:
+
+1. Resolve every node's config (defaults, ``${ENV}``); refuse to start on a missing variable.
+2. Start sinks first, then transforms, then sources, so that nothing is produced before its
+   consumers are ready.
+3. Run. A source's task ends when it is done (finite sources) or asked to stop; then its output
+   channels close, and each downstream node ends once all of its inputs are closed and drained.
+   A graph whose sources are all finite therefore ends by itself.
+4. :meth:`Runtime.request_stop` (first SIGINT/SIGTERM) stops the sources and lets everything in
+   flight drain and the sinks flush. :meth:`Runtime.abort` (second signal) cancels at once and
+   counts what was lost.
+
+Failures: an exception while a node handles a batch rejects that batch (counted, logged with the
+node id, sent to the node's ``errors`` port) and the graph goes on, unless the node sets
+``on_error = "fail"``. A :class:`~kvgraph.errors.NodeFailure` (a connection broken after
+retries) stops the graph unless the node sets ``on_error = "skip"``. A failed node's inputs are
+drained and counted as lost, so that nothing upstream blocks for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import envvars
+from .channel import Channel, Inbox
+from .errors import ConfigError, NodeFailure, UsageError
+from .event import Event, Rejected
+from .graph import Graph, Node
+from .metrics import NodeMetrics
+from .node import DEFAULT_PORT, ERRORS_PORT, Kind, NodeType, Sink, Source, Transform
+
+log = logging.getLogger("kvgraph")
+
+
+class RateLimitedLog:
+    """A node's logger that says the first problem at once, then at most one line per
+    ``interval`` seconds with the count of what it held back, so a flood of bad input cannot
+    flood the log."""
+
+    def __init__(self, node_id: str, interval: float = 5.0):
+        self.logger = logging.getLogger(f"kvgraph.node.{node_id}")
+        self.node_id, self.interval = node_id, interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def problem(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        suffix = f" (and {held} more like it in the last {now - last:.0f} s)" if held and \
+            last is not None else ""
+        self._last[key] = now
+        self.logger.warning(f"[{self.node_id}] {message}{suffix}", *args)
+
+    def info(self, message: str, *args: Any) -> None:
+        self.logger.info(f"[{self.node_id}] {message}", *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self.logger.warning(f"[{self.node_id}] {message}", *args)
+
+    def error(self, message: str, *args: Any) -> None:
+        self.logger.error(f"[{self.node_id}] {message}", *args)
+
+
+class NodeContext:
+    """What a running node gets from the runtime."""
+
+    def __init__(self, node: Node, config: dict[str, Any], base_dir: Path,
+                 outlets: dict[str, list[Channel]], stopping: asyncio.Event):
+        self.node = node
+        self.node_id = node.id
+        self.config = config
+        self.base_dir = base_dir
+        self.outlets = outlets
+        self.stopping = stopping
+        self.metrics = NodeMetrics(node.id, node.type.name, node.kind.value)
+        self.log = RateLimitedLog(node.id)
+        self.inbox: Inbox | None = None
+
+    def path(self, value: str) -> Path:
+        """A path option, relative to the graph file's directory."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else self.base_dir / p
+
+    async def emit(self, batch: list[Any], port: str = DEFAULT_PORT) -> None:
+        """Send a batch on a port (to every edge from it). Never mutate a batch after this."""
+        if not batch:
+            return
+        if port == DEFAULT_PORT:
+            self.metrics.events_out += len(batch)
+        chans = self.outlets.get(port)
+        if not chans:
+            if port == DEFAULT_PORT:
+                self.metrics.discarded_unintentional += len(batch)
+            return
+        for ch in chans:
+            dropped = await ch.send(batch)
+            if dropped:
+                self.metrics.discarded_unintentional += dropped
+
+    async def reject(self, items: list[Rejected]) -> None:
+        """Count, log (rate-limited) and forward to the ``errors`` port what could not be
+        handled. The graph goes on."""
+        if not items:
+            return
+        self.metrics.errors += len(items)
+        first = items[0]
+        self.log.problem(first.reason.split(":")[0], "rejected %d item(s): %s", len(items),
+                         first.reason)
+        if self.outlets.get(ERRORS_PORT):
+            await self.emit(items, ERRORS_PORT)
+
+    def rejected(self, reason: str, event: Event | None = None, raw: bytes | None = None
+                 ) -> Rejected:
+        return Rejected(node=self.node_id, reason=reason, event=event, raw=raw, ts=time.time())
+
+    def close_outputs(self) -> None:
+        for chans in self.outlets.values():
+            for ch in chans:
+                ch.close()
+
+
+@dataclass
+class RunResult:
+    """How a run ended. ``ok`` is True only when everything in flight was delivered."""
+
+    ok: bool
+    aborted: bool = False
+    failures: dict[str, str] = field(default_factory=dict)
+    lost_events: int = 0
+    elapsed_s: float = 0.0
+    metrics: dict[str, dict[str, int | float]] = field(default_factory=dict)
+
+
+def resolve_config(node: Node, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Defaults, then ``${ENV}`` interpolation of the options that allow it."""
+    config = node.config
+    for key, value in list(config.items()):
+        spec = node.type.options.get(key, {})
+        if not spec.get("x-env"):
+            continue
+        try:
+            if isinstance(value, str):
+                config[key] = envvars.interpolate(value, environ)
+            elif isinstance(value, list):
+                config[key] = [envvars.interpolate(v, environ) for v in value]
+        except ConfigError as exc:
+            raise ConfigError(f"{node.id}.{key}: {exc}") from None
+    return config
+
+
+class Runtime:
+    """A graph being run. Use :meth:`start`, then :meth:`wait`; or ``async with``."""
+
+    def __init__(self, graph: Graph, environ: Mapping[str, str] | None = None,
+                 base_dir: str | os.PathLike[str] | None = None):
+        self.graph = graph
+        self.environ = os.environ if environ is None else environ
+        self.base_dir = Path(base_dir) if base_dir is not None else (
+            Path(graph.path).resolve().parent if graph.path else Path.cwd())
+        self.nodes: dict[str, NodeType] = {}
+        self.contexts: dict[str, NodeContext] = {}
+        self.channels: list[Channel] = []
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.failures: dict[str, str] = {}
+        self.lost_events = 0
+        self.aborted = False
+        self.started_at = 0.0
+        self._stopping: asyncio.Event | None = None
+        self._started: list[str] = []
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        missing = [n for n in self.graph.nodes.values() if not n.type.implemented()]
+        if missing:
+            names = ", ".join(f"{n.id} ({n.kind} {n.type.name})" for n in missing)
+            raise UsageError(f"these nodes' types are declared but cannot run yet: {names}")
+        self._stopping = asyncio.Event()
+        configs = {nid: resolve_config(n, self.environ) for nid, n in self.graph.nodes.items()}
+        outlets: dict[str, dict[str, list[Channel]]] = {nid: {} for nid in self.graph.nodes}
+        inputs: dict[str, list[Channel]] = {nid: [] for nid in self.graph.nodes}
+        for e in self.graph.edges:
+            ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst)
+            self.channels.append(ch)
+            outlets[e.src].setdefault(e.src_port, []).append(ch)
+            inputs[e.dst].append(ch)
+        for nid, node in self.graph.nodes.items():
+            ctx = NodeContext(node, configs[nid], self.base_dir, outlets[nid], self._stopping)
+            if node.kind is not Kind.SOURCE:
+                ctx.inbox = Inbox(inputs[nid])
+            self.contexts[nid] = ctx
+            self.nodes[nid] = node.type(ctx)
+
+    def _start_order(self) -> list[str]:
+        rank = {Kind.SINK: 0, Kind.TRANSFORM: 1, Kind.SOURCE: 2}
+        topo = {nid: i for i, nid in enumerate(reversed(self.graph.topological_order()))}
+        return sorted(self.nodes, key=lambda n: (rank[self.graph.nodes[n].kind], topo[n]))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build, start every node (sinks first) and launch the node tasks."""
+        self._build()
+        self.started_at = time.monotonic()
+        for nid in self._start_order():
+            try:
+                await self.nodes[nid].start()
+            except Exception as exc:
+                await self._stop_nodes()
+                raise NodeFailure(f"node {nid!r} failed to start: {exc}") from exc
+            self._started.append(nid)
+        for nid in self._start_order():
+            node = self.nodes[nid]
+            if isinstance(node, Source):
+                coro = self._run_source(node)
+            elif isinstance(node, Transform):
+                coro = self._run_transform(node)
+            else:
+                coro = self._run_sink(node)  # type: ignore[arg-type]
+            self.tasks[nid] = asyncio.create_task(coro, name=f"kvgraph:{nid}")
+
+    def request_stop(self) -> None:
+        """Stop the sources; everything already produced drains and is delivered."""
+        if self._stopping is None or self._stopping.is_set():
+            return
+        self._stopping.set()
+        for node in self.nodes.values():
+            if isinstance(node, Source):
+                node.on_stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
+
+    async def abort(self) -> int:
+        """Cancel every task now; returns the number of events known to be lost."""
+        self.aborted = True
+        self.request_stop()
+        for t in self.tasks.values():
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.lost_events += sum(ch.clear() for ch in self.channels)
+        return self.lost_events
+
+    async def wait(self) -> RunResult:
+        """Wait until every node has finished; stop the nodes; report."""
+        try:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        finally:
+            await self._stop_nodes()
+        return self.result()
+
+    def result(self) -> RunResult:
+        return RunResult(ok=not self.failures and not self.aborted and not self.lost_events,
+                         aborted=self.aborted, failures=dict(self.failures),
+                         lost_events=self.lost_events,
+                         elapsed_s=time.monotonic() - self.started_at,
+                         metrics={nid: c.metrics.snapshot() for nid, c in self.contexts.items()})
+
+    async def _stop_nodes(self) -> None:
+        for nid in reversed(self._started):
+            try:
+                await self.nodes[nid].stop()
+            except Exception as exc:  # stopping must reach every node
+                log.warning("[%s] error while stopping: %s", nid, exc)
+        self._started.clear()
+
+    async def __aenter__(self) -> "Runtime":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.request_stop()
+        await self.wait()
+
+    def publisher(self, node_id: str) -> Any:
+        """The publisher object of a running ``api`` source (or any node offering one)."""
+        node = self.nodes.get(node_id)
+        pub = getattr(node, "publisher", None)
+        if pub is None:
+            raise UsageError(f"node {node_id!r} has no publisher; api nodes: "
+                             f"{[n for n, x in self.nodes.items() if hasattr(x, 'publisher')]}")
+        return pub
+
+    # -- node tasks -------------------------------------------------------------------------
+
+    def _on_error(self, nid: str, exc: BaseException) -> str:
+        """skip or fail, from the node's on_error and the kind of exception."""
+        setting = self.graph.nodes[nid].on_error
+        if setting:
+            return setting
+        return "fail" if isinstance(exc, NodeFailure) else "skip"
+
+    def _fail(self, nid: str, exc: BaseException) -> None:
+        self.failures[nid] = f"{type(exc).__name__}: {exc}"
+        log.error("[%s] failed: %s: %s; stopping the graph", nid, type(exc).__name__, exc)
+        self.request_stop()
+
+    async def _handle_batch_error(self, nid: str, batch: list[Any], exc: Exception) -> bool:
+        """True when the graph goes on (the batch was rejected), False when the node failed."""
+        if self._on_error(nid, exc) == "fail":
+            self._fail(nid, exc)
+            return False
+        ctx = self.contexts[nid]
+        reason = f"{type(exc).__name__}: {exc}"
+        await ctx.reject([ctx.rejected(reason, e if isinstance(e, Event) else None)
+                          for e in batch])
+        return True
+
+    async def _drain_dead(self, nid: str) -> None:
+        """A failed node's inputs: drain and count as lost, so that upstream never blocks."""
+        inbox = self.contexts[nid].inbox
+        if inbox is None:
+            return
+        while (batch := await inbox.get()) is not None:
+            self.lost_events += len(batch)
+            self.contexts[nid].metrics.discarded_unintentional += len(batch)
+
+    async def _run_source(self, node: Source) -> None:
+        ctx = node.ctx
+        try:
+            await node.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a source that raises is broken, not given a bad event
+            if self.graph.nodes[node.id].on_error == "skip":
+                log.error("[%s] source ended by an error (on_error = skip): %s: %s", node.id,
+                          type(exc).__name__, exc)
+            else:
+                self._fail(node.id, exc)
+        finally:
+            ctx.close_outputs()
+
+    async def _run_transform(self, node: Transform) -> None:
+        ctx = node.ctx
+        inbox = ctx.inbox
+        assert inbox is not None
+        m = ctx.metrics
+        try:
+            while (batch := await inbox.get()) is not None:
+                m.events_in += len(batch)
+                m.batches_in += 1
+                try:
+                    await node.process(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not await self._handle_batch_error(node.id, batch, exc):
+                        await self._drain_dead(node.id)
+                        return
+            await node.finish()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # finish() failed
+            self._fail(node.id, exc)
+        finally:
+            ctx.close_outputs()
+
+    async def _run_sink(self, node: Sink) -> None:
+        ctx = node.ctx
+        inbox = ctx.inbox
+        assert inbox is not None
+        m = ctx.metrics
+        pending = 0  # written, not yet confirmed by a flush
+        try:
+            while True:
+                batch = inbox.get_nowait()
+                if batch is None:
+                    if pending:  # idle: confirm what was written
+                        await node.flush()
+                        m.events_out += pending
+                        pending = 0
+                    batch = await inbox.get()
+                    if batch is None:
+                        break
+                n = len(batch)
+                m.events_in += n
+                m.batches_in += 1
+                before = m.errors + m.discarded_intentional
+                try:
+                    await node.write(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not await self._handle_batch_error(node.id, batch, exc):
+                        self.lost_events += pending
+                        await self._drain_dead(node.id)
+                        return
+                    continue
+                pending += n - (m.errors + m.discarded_intentional - before)
+            if pending:
+                await node.flush()
+                m.events_out += pending
+        except asyncio.CancelledError:
+            self.lost_events += pending
+            raise
+        except Exception as exc:  # flush failed: what was pending is not known delivered
+            self.lost_events += pending
+            self._fail(node.id, exc)
+            await self._drain_dead(node.id)
+        finally:
+            ctx.close_outputs()
+
+
+async def run(graph: Graph, environ: Mapping[str, str] | None = None) -> RunResult:
+    """Run a graph to completion (finite sources) or until cancelled."""
+    rt = Runtime(graph, environ)
+    await rt.start()
+    return await rt.wait()

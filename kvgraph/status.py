@@ -1,0 +1,141 @@
+"""What a running graph shows: a live screen on a terminal, summary lines in logs, totals at the
+end, and a Prometheus endpoint.
+
+Rates are computed between two snapshots, so the display costs nothing on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+from .metrics import prometheus
+
+if TYPE_CHECKING:
+    from .runtime import Runtime, RunResult
+
+log = logging.getLogger("kvgraph")
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}" if isinstance(n, float) else str(n)
+
+
+def table(rt: "Runtime", prev: dict[str, tuple[int, int]] | None, dt: float) -> str:
+    """The status screen: per node rates and totals, then channel fill."""
+    rows = [("node", "type", "in/s", "out/s", "in", "out", "errors", "discarded")]
+    for nid, ctx in rt.contexts.items():
+        m = ctx.metrics
+        p_in, p_out = (prev or {}).get(nid, (m.events_in, m.events_out))
+        rate_in = (m.events_in - p_in) / dt if dt > 0 else 0.0
+        rate_out = (m.events_out - p_out) / dt if dt > 0 else 0.0
+        disc = m.discarded_intentional + m.discarded_unintentional
+        rows.append((nid, f"{m.kind} {m.type}", _fmt(rate_in), _fmt(rate_out),
+                     _fmt(m.events_in), _fmt(m.events_out), _fmt(m.errors), _fmt(disc)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))) for r in rows]
+    if rt.channels:
+        lines.append("")
+        lines.append("edge fill (batches): " + "   ".join(
+            f"{s.name} {s.current}/{s.capacity} (peak {s.peak}"
+            + (f", dropped {_fmt(s.dropped_events)}" if s.dropped_events else "") + ")"
+            for s in (ch.statistics() for ch in rt.channels)))
+    return "\n".join(lines)
+
+
+def summary_line(rt: "Runtime", prev: dict[str, tuple[int, int]] | None, dt: float) -> str:
+    parts = []
+    for nid, ctx in rt.contexts.items():
+        m = ctx.metrics
+        p_in, p_out = (prev or {}).get(nid, (0, 0))
+        if m.kind == "source":
+            parts.append(f"{nid} +{m.events_out - p_out} ({(m.events_out - p_out) / dt:.0f}/s)")
+        elif m.kind == "sink":
+            parts.append(f"{nid} delivered {m.events_out}")
+        if m.errors:
+            parts.append(f"{nid} errors {m.errors}")
+    dropped = sum(ch.dropped_events for ch in rt.channels)
+    if dropped:
+        parts.append(f"dropped {dropped}")
+    return "; ".join(parts)
+
+
+class Status:
+    """Runs while the graph runs: the screen (``tty``), log lines (``log``), or nothing."""
+
+    def __init__(self, rt: "Runtime", mode: str, interval: float, stream: TextIO = sys.stderr):
+        self.rt, self.mode, self.interval, self.stream = rt, mode, interval, stream
+        self._task: asyncio.Task[None] | None = None
+
+    def _snapshot(self) -> dict[str, tuple[int, int]]:
+        return {nid: (c.metrics.events_in, c.metrics.events_out)
+                for nid, c in self.rt.contexts.items()}
+
+    async def _loop(self) -> None:
+        prev, t_prev = self._snapshot(), time.monotonic()
+        period = 1.0 if self.mode == "tty" else self.interval
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if self.mode == "tty":
+                self.stream.write("\x1b[H\x1b[J" + f"kvgraph {self.rt.graph.name}  "
+                                  f"up {now - self.rt.started_at:.0f} s   (Ctrl-C stops, "
+                                  "twice aborts)\n\n" + table(self.rt, prev, now - t_prev) + "\n")
+                self.stream.flush()
+            else:
+                log.info("status: %s", summary_line(self.rt, prev, now - t_prev))
+            prev, t_prev = self._snapshot(), now
+
+    def start(self) -> None:
+        if self.mode in ("tty", "log"):
+            self._task = asyncio.create_task(self._loop(), name="kvgraph:status")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def totals(rt: "Runtime", result: "RunResult") -> str:
+    head = (f"kvgraph {rt.graph.name}: "
+            + ("done" if result.ok else "ABORTED" if result.aborted else "FAILED")
+            + f" after {result.elapsed_s:.1f} s")
+    lines = [head, table(rt, None, 0)]
+    if result.lost_events:
+        lines.append(f"lost in flight: {result.lost_events} event(s)")
+    for nid, why in result.failures.items():
+        lines.append(f"failed: {nid}: {why}")
+    return "\n".join(lines)
+
+
+async def serve_metrics(rt: "Runtime", host: str, port: int) -> Any:
+    """A minimal HTTP server for ``GET /metrics`` (Prometheus text format)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
+            if path.split(b"?")[0] in (b"/metrics", b"/"):
+                body = prometheus([c.metrics for c in rt.contexts.values()], rt.channels,
+                                  time.monotonic() - rt.started_at).encode()
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            else:
+                body, head = b"not found\n", b"HTTP/1.1 404 Not Found\r\n"
+            writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                         .encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError,
+                asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    return server

@@ -1,0 +1,485 @@
+"""End to end, with real components: ZMQ sockets, a real nats-server, `kvgraph run` processes.
+
+Engines are played by a test XPUB socket that binds (ipc:// in a temp dir); kvgraph's SUB
+connects, and the test waits for its subscription instead of sleeping (ZMQ's slow joiner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from kvgraph.codecs.dynamo import tokens_hash
+from kvgraph.errors import ApiError
+from kvgraph.event import Rejected
+from kvgraph.testing import (NatsServer, assert_metrics_contract, capture, run_text, wait_for)
+
+from .helpers import (ROOT, ZmqPublisher, assert_event_matches, expected_batches, fixture_dirs,
+                      fixture_id, read_frames)
+
+
+@pytest.fixture(scope="module")
+def nats_url():
+    server = NatsServer().start()
+    yield server.url
+    server.close()
+
+
+async def subscribe(url: str, subject: str):
+    """A nats-py subscriber collecting message bodies; returns (connection, bodies)."""
+    import nats
+
+    nc = await nats.connect(url)
+    bodies: list[bytes] = []
+
+    async def cb(msg):
+        bodies.append(msg.data)
+
+    await nc.subscribe(subject, cb=cb)
+    await nc.flush()
+    return nc, bodies
+
+
+def kvgraph_run(graph: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "kvgraph", "run", str(graph), "--status",
+                             "off", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NO_COLOR": "1"})
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    return proc.returncode, err
+
+
+# -- every fixture version: ZMQ -> kvgraph run -> NATS -> subscriber ---------------------------
+
+@pytest.mark.parametrize("d", fixture_dirs(), ids=fixture_id)
+def test_fixture_round_trips_through_kvgraph_run_and_nats(d: Path, tmp_path: Path,
+                                                          nats_url: str) -> None:
+    subject = "kvtest." + fixture_id(d).replace(".", "_")
+    graph = tmp_path / "relay.toml"
+    graph.write_text(f"""
+[graph]
+name = "relay"
+[nodes.engine]
+type = "zmq"
+endpoint = "ipc://{tmp_path}/engine.sock"
+worker_id = 7
+[nodes.bus]
+type = "nats"
+url = "{nats_url}"
+subject = "{subject}"
+format = "jsonl"
+[[edges]]
+from = "engine"
+to = "bus"
+""")
+    expected = [(b, e) for b in expected_batches(d) for e in b["events"]]
+
+    async def go() -> list[dict]:
+        nc, bodies = await subscribe(nats_url, subject)
+        pub = ZmqPublisher(f"ipc://{tmp_path}/engine.sock")
+        proc = kvgraph_run(graph, "--report", str(tmp_path / "report.json"))
+        try:
+            await asyncio.to_thread(pub.wait_subscribed)
+            for frames in read_frames(d / "live.jsonl"):
+                pub.send(frames)
+
+            def received() -> int:
+                return sum(b.count(b"\n") for b in bodies)
+
+            await wait_for(lambda: received() >= len(expected), timeout=30)
+            code, err = await asyncio.to_thread(stop, proc)
+            assert code == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            pub.close()
+            await nc.close()
+        return [json.loads(line) for b in bodies for line in b.splitlines()]
+
+    got = asyncio.run(go())
+    assert len(got) == len(expected)
+    for i, (ev, (batch, want)) in enumerate(zip(got, expected)):
+        assert ev["worker_id"] == 7 and ev["seq"] == batch["seq"] and ev["ts"] == batch["ts"]
+        assert ev["dp_rank"] == (batch["dp_rank"] or 0)
+        assert_event_matches(ev, want, f"{d.name} event {i}")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and report["lost_events"] == 0
+    for node in ("engine", "bus"):
+        assert_metrics_contract(report["metrics"][node])
+    assert report["metrics"]["bus"]["events_out"] == len(expected)
+    assert report["metrics"]["engine"]["seq_gaps"] == 0
+
+
+# -- Dynamo's format ---------------------------------------------------------------------------
+
+def test_api_to_nats_in_dynamo_json(nats_url: str) -> None:
+    text = f"""
+[graph]
+name = "api-dynamo"
+[nodes.engine]
+type = "api"
+worker_id = 3
+block_size = 4
+[nodes.router]
+type = "nats"
+url = "{nats_url}"
+subject = "namespace.test.component.backend.kv_events"
+format = "dynamo-json"
+block_size = 4
+[nodes.dead]
+type = "capture"
+[[edges]]
+from = "engine"
+to = "router"
+[[edges]]
+from = "router.errors"
+to = "dead"
+"""
+
+    async def go():
+        nc, bodies = await subscribe(nats_url, "namespace.test.component.backend.kv_events")
+        async with run_text(text) as rt:
+            pub = rt.publisher("engine")
+            pub.publish_stored(list(range(8)), 4, [2**64 - 1, 12], lora_name=None)
+            pub.publish_stored(list(range(1, 9)), [4, 4], [13, 14], parent_hash=12,
+                               lora_name="adapter-a")
+            pub.publish_removed([2**64 - 1])
+            pub.publish_cleared()
+            await wait_for(lambda: len(bodies) == 4)
+        await nc.close()
+        return [json.loads(b) for b in bodies], rt
+
+    routers, rt = asyncio.run(go())
+    assert [r["event"]["event_id"] for r in routers] == [1, 2, 3, 4]
+    first = routers[0]
+    assert first["worker_id"] == 3 and first["storage_tier"] == "device"
+    blocks = first["event"]["data"]["stored"]["blocks"]
+    assert [b["block_hash"] for b in blocks] == [2**64 - 1, 12]
+    assert [b["tokens_hash"] for b in blocks] == [9143094415614847814, 12124091508212882195]
+    second = routers[1]["event"]["data"]["stored"]
+    assert second["parent_hash"] == 12
+    assert [b["tokens_hash"] for b in second["blocks"]] == tokens_hash(list(range(1, 9)), 4,
+                                                                       "adapter-a")
+    assert routers[2]["event"]["data"] == {"removed": {"block_hashes": [2**64 - 1]}}
+    assert routers[3]["event"]["data"] == "cleared"
+    assert_metrics_contract(rt.result().metrics["router"])
+    assert_metrics_contract(rt.result().metrics["engine"])
+
+
+def test_block_size_mismatch_is_an_error_event_and_takes_no_event_id(nats_url: str) -> None:
+    text = f"""
+[graph]
+name = "mismatch"
+[nodes.rec]
+type = "file"
+path = "{fixture_dirs()[-1] / 'live.jsonl'}"
+[nodes.router]
+type = "nats"
+url = "{nats_url}"
+subject = "mismatch"
+format = "dynamo-json"
+block_size = 32
+[nodes.dead]
+type = "capture"
+[[edges]]
+from = "rec"
+to = "router"
+[[edges]]
+from = "router.errors"
+to = "dead"
+"""
+
+    async def go():
+        nc, bodies = await subscribe(nats_url, "mismatch")
+        async with run_text(text) as rt:
+            await wait_for(lambda: rt.contexts["router"].metrics.events_in > 0 and
+                           rt.contexts["rec"].metrics.events_out ==
+                           rt.contexts["router"].metrics.events_in)
+            await wait_for(lambda: len(bodies) + len(capture("dead")) ==
+                           rt.contexts["router"].metrics.events_in)
+        await nc.close()
+        return [json.loads(b) for b in bodies]
+
+    sent = asyncio.run(go())
+    dead = capture("dead")
+    assert dead and all("block_size 16 differs from the configured block_size 32" in r.reason
+                        or "token ids" in r.reason for r in dead)
+    assert not any("stored" in r["event"]["data"] for r in sent if isinstance(
+        r["event"]["data"], dict))
+    assert [r["event"]["event_id"] for r in sent] == list(range(1, len(sent) + 1))
+
+
+# -- chaining through NATS: the nats source --------------------------------------------------------
+
+def test_nats_source_reads_jsonl_and_dynamo_json_and_rejects_garbage(nats_url: str) -> None:
+    text = f"""
+[graph]
+name = "chain"
+[nodes.bus]
+type = "nats"
+url = "{nats_url}"
+subject = "chain.jsonl"
+format = "jsonl"
+[nodes.router]
+type = "nats"
+kind = "source"
+url = "{nats_url}"
+subject = "chain.dynamo"
+format = "dynamo-json"
+[nodes.out]
+type = "capture"
+[nodes.dead]
+type = "capture"
+[[edges]]
+from = "bus"
+to = "out"
+[[edges]]
+from = "router"
+to = "out"
+[[edges]]
+from = "bus.errors"
+to = "dead"
+"""
+    import nats
+
+    async def go():
+        async with run_text(text) as rt:
+            nc = await nats.connect(nats_url)
+            line = {"kind": "stored", "worker_id": 1, "dp_rank": 0,
+                    "block_hashes": [2**64 - 1], "token_ids": [1, 2]}
+            await nc.publish("chain.jsonl", (json.dumps(line) + "\n").encode() * 2)
+            await nc.publish("chain.jsonl", b"{not json\n")
+            await nc.publish("chain.dynamo", json.dumps(
+                {"worker_id": 9, "event": {"event_id": 1, "data": "cleared"}}).encode())
+            await nc.flush()
+            await wait_for(lambda: len(capture("out")) == 3 and len(capture("dead")) == 1)
+            await nc.close()
+        return rt
+
+    rt = asyncio.run(go())
+    kinds = sorted((e.kind, e.worker_id) for e in capture("out"))
+    assert kinds == [("cleared", 9), ("stored", 1), ("stored", 1)]
+    assert [e.block_hashes for e in capture("out") if e.kind == "stored"] == [[2**64 - 1]] * 2
+    assert "malformed jsonl message" in capture("dead")[0].reason
+    m = rt.result().metrics["bus"]
+    assert_metrics_contract(m)
+    assert m["malformed"] == 1 and m["errors"] == 1
+
+
+# -- the zmq source: malformed input, gaps, restarts ------------------------------------------------
+
+def zmq_graph(endpoint: str) -> str:
+    return f"""
+[graph]
+name = "zmq-in"
+[nodes.engine]
+type = "zmq"
+endpoint = "{endpoint}"
+worker_id = 1
+[nodes.out]
+type = "capture"
+[nodes.dead]
+type = "capture"
+[[edges]]
+from = "engine"
+to = "out"
+[[edges]]
+from = "engine.errors"
+to = "dead"
+"""
+
+
+def good(seq: int, hashes: list[int]) -> list[bytes]:
+    payload = msgspec.msgpack.encode(
+        [1.0, [{"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": None,
+                "token_ids": list(range(16 * len(hashes))), "block_size": 16,
+                "lora_id": None, "medium": "GPU", "lora_name": None}], 0])
+    return [b"", seq.to_bytes(8, "big"), payload]
+
+
+MALFORMED = {
+    "wrong frame count": [b"", (1).to_bytes(8, "big")],
+    "short seq": [b"", b"\x00\x01", msgspec.msgpack.encode([1.0, [], 0])],
+    "garbage msgpack": [b"", (1).to_bytes(8, "big"), b"\xc1\xc1\xc1"],
+    "unknown tag": [b"", (1).to_bytes(8, "big"),
+                    msgspec.msgpack.encode([1.0, [["BlockTeleported", [1]]], 0])],
+    "wrong field type": [b"", (1).to_bytes(8, "big"),
+                         msgspec.msgpack.encode([1.0, [{"type": "BlockRemoved",
+                                                        "block_hashes": "abc"}], 0])],
+}
+
+
+def test_malformed_zmq_messages_are_counted_and_skipped(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/engine.sock"
+
+    async def go():
+        pub = ZmqPublisher(endpoint)
+        async with run_text(zmq_graph(endpoint)) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            pub.send(good(0, [1]))
+            for frames in MALFORMED.values():
+                pub.send(frames)
+            pub.send(good(1, [2]))
+            await wait_for(lambda: len(capture("out")) == 2 and len(capture("dead")) == 5)
+        pub.close()
+        return rt
+
+    rt = asyncio.run(go())
+    assert [e.block_hashes for e in capture("out")] == [[1], [2]]
+    dead = capture("dead")
+    assert all(isinstance(r, Rejected) and r.reason.startswith("malformed message") for r in dead)
+    assert "2 frame(s)" in dead[0].reason and "2 bytes" in dead[1].reason
+    m = rt.result().metrics["engine"]
+    assert_metrics_contract(m)
+    assert m["malformed"] == 5 and m["errors"] == 5 and m["events_out"] == 2
+
+
+def test_seq_gaps_and_restarts_are_detected(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/engine.sock"
+
+    async def go():
+        pub = ZmqPublisher(endpoint)
+        async with run_text(zmq_graph(endpoint)) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            for seq in (0, 1, 4, 5, 0, 1):  # 2 and 3 lost; then the engine restarts
+                pub.send(good(seq, [seq + 100]))
+            await wait_for(lambda: len(capture("out")) == 6)
+        pub.close()
+        return rt.result().metrics["engine"]
+
+    m = asyncio.run(go())
+    assert (m["seq_gaps"], m["seq_missing"], m["seq_resets"]) == (1, 2, 1)
+
+
+# -- the api source ------------------------------------------------------------------------------
+
+API = """
+[graph]
+name = "api"
+[nodes.engine]
+type = "api"
+worker_id = 5
+block_size = 4
+max_pending = 64
+[nodes.out]
+type = "capture"
+[[edges]]
+from = "engine"
+to = "out"
+"""
+
+
+def test_api_source_from_the_loop_and_from_threads() -> None:
+    async def go():
+        async with run_text(API) as rt:
+            pub = rt.publisher("engine")
+            pub.publish_stored([1, 2, 3, 4], 4, [10])
+
+            def engine_thread(base: int) -> None:
+                for i in range(500):
+                    pub.publish_stored([1, 2, 3, 4], 4, [base + i], parent_hash=None)
+                pub.publish_removed([base])
+
+            threads = [threading.Thread(target=engine_thread, args=(b,)) for b in (1000, 5000)]
+            for t in threads:
+                t.start()
+            await asyncio.to_thread(lambda: [t.join() for t in threads])
+            pub.publish_cleared()
+            await wait_for(lambda: len(capture("out")) == 1 + 2 * 501 + 1)
+        return rt
+
+    rt = asyncio.run(go())
+    events = capture("out")
+    assert events[0].block_hashes == [10] and events[-1].kind == "cleared"
+    for base in (1000, 5000):  # per-thread order is kept
+        mine = [e.block_hashes[0] for e in events
+                if e.block_hashes and base <= e.block_hashes[0] < base + 1000]
+        assert mine[:500] == list(range(base, base + 500))
+    assert all(e.worker_id == 5 for e in events)
+    assert_metrics_contract(rt.result().metrics["engine"])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda p: p.publish_stored([1, 2, 3], 4, [1]), "3 token ids for 1 block"),
+    (lambda p: p.publish_stored([1, 2, 3, 4], 8, [1]), "block_size is 4"),
+    (lambda p: p.publish_stored([1, 2, 3, 4], [4, 4], [1]), "2 entries for 1 block"),
+    (lambda p: p.publish_stored([1, 2, 3, 4], 4, [2**64]), "out of the 64-bit range"),
+    (lambda p: p.publish_stored([1, 2, 3, 4], 4, ["x"]), "is not an int"),
+    (lambda p: p.publish_removed([1.5]), "is not an int"),
+    (lambda p: p.publish_stored([1, 2, 3, -4], 4, [1]), r"0\.\.2\^32-1"),
+])
+def test_api_rejects_bad_arguments(call, match) -> None:
+    async def go():
+        async with run_text(API) as rt:
+            with pytest.raises(ApiError, match=match):
+                call(rt.publisher("engine"))
+
+    asyncio.run(go())
+
+
+# -- lifecycle as a process --------------------------------------------------------------------------
+
+def test_sigterm_mid_stream_drains_loses_nothing_and_exits_0(tmp_path: Path,
+                                                             nats_url: str) -> None:
+    graph = tmp_path / "stream.toml"
+    graph.write_text(f"""
+[graph]
+name = "stream"
+[nodes.rec]
+type = "file"
+path = "{fixture_dirs()[-1].parent / 'live.jsonl'}"
+rate = 400
+loop = true
+[nodes.bus]
+type = "nats"
+url = "{nats_url}"
+subject = "stream"
+format = "jsonl"
+events_per_message = 1
+[[edges]]
+from = "rec"
+to = "bus"
+capacity = 4
+""")
+
+    async def go():
+        nc, bodies = await subscribe(nats_url, "stream")
+        proc = kvgraph_run(graph, "--report", str(tmp_path / "report.json"))
+        try:
+            await wait_for(lambda: len(bodies) >= 100, timeout=30)
+            code, err = await asyncio.to_thread(stop, proc)
+            await nc.flush()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        n = len(bodies)
+        await nc.close()
+        return code, err, n
+
+    code, err, received = asyncio.run(go())
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and report["lost_events"] == 0
+    produced = report["metrics"]["rec"]["events_out"]
+    assert report["metrics"]["bus"]["events_out"] == produced == received
+
+
+def test_run_refuses_an_invalid_graph() -> None:
+    proc = subprocess.run([sys.executable, "-m", "kvgraph", "run",
+                           "tests/graphs/bad/cycle.toml"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "cycle: a -> b -> c -> a" in proc.stderr and "not starting" in proc.stderr
