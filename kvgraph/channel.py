@@ -1,6 +1,9 @@
 """Bounded channels of batches between nodes, and the inbox that merges a node's inputs.
 
-One :class:`Channel` per edge, with the edge's ``capacity`` (in batches) and ``when_full``:
+One :class:`Channel` per edge, with the edge's ``capacity`` (in batches), ``capacity_events``
+(the same bound in events: batches vary in size, and memory follows events) and ``when_full``.
+The channel is full when either bound is reached; a batch larger than ``capacity_events`` still
+goes into an empty channel, so that nothing can deadlock.
 ``block`` suspends the sender until there is room (backpressure reaches the source),
 ``drop_newest`` discards the batch being sent, ``drop_oldest`` the oldest queued one; drops are
 counted, never silent. A port that feeds several edges sends the same batch to each (fan-out);
@@ -26,6 +29,7 @@ class ChannelStats:
 
     name: str
     capacity: int
+    capacity_events: int
     current: int            # batches queued now
     current_events: int
     peak: int               # most batches ever queued at once
@@ -38,14 +42,15 @@ class ChannelStats:
 
 
 class Channel:
-    __slots__ = ("name", "capacity", "when_full", "_q", "_inbox", "_space", "closed", "peak",
+    __slots__ = ("name", "capacity", "capacity_events", "when_full", "_q", "_inbox", "_space", "closed", "peak",
                  "sent_batches", "sent_events", "dropped_batches", "dropped_events",
                  "queued_events", "src", "dst")
 
     def __init__(self, name: str, capacity: int, when_full: str = "block",
-                 src: str = "", dst: str = ""):
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
+                 src: str = "", dst: str = "", capacity_events: int = 1 << 62):
+        if capacity < 1 or capacity_events < 1:
+            raise ValueError("capacity and capacity_events must be >= 1")
+        self.capacity_events = capacity_events
         if when_full not in ("block", "drop_newest", "drop_oldest"):
             raise ValueError(f"unknown when_full {when_full!r}")
         self.name, self.capacity, self.when_full = name, capacity, when_full
@@ -74,19 +79,22 @@ class Channel:
         unless the policy is ``drop_newest`` or ``drop_oldest``)."""
         if self.closed:
             raise RuntimeError(f"channel {self.name} is closed")
-        if len(self._q) < self.capacity:
+        if not self.full:
             self._append(batch)
             return 0
         if self.when_full == "drop_newest":
             self._drop(batch)
             return len(batch)
         if self.when_full == "drop_oldest":
-            old = self._q.popleft()
-            self._drop(old, queued=True)
+            lost = 0
+            while self.full:
+                old = self._q.popleft()
+                self._drop(old, queued=True)
+                lost += len(old)
             self._append(batch)
-            return len(old)
+            return lost
         loop = asyncio.get_running_loop()
-        while len(self._q) >= self.capacity:
+        while self.full:
             fut = loop.create_future()
             self._space.append(fut)
             try:
@@ -98,6 +106,11 @@ class Channel:
                     self._space.remove(fut)
         self._append(batch)
         return 0
+
+    @property
+    def full(self) -> bool:
+        q = self._q
+        return len(q) >= self.capacity or (bool(q) and self.queued_events >= self.capacity_events)
 
     def _drop(self, batch: Batch, queued: bool = False) -> None:
         self.dropped_batches += 1
@@ -134,7 +147,8 @@ class Channel:
         return len(self._q)
 
     def statistics(self) -> ChannelStats:
-        return ChannelStats(self.name, self.capacity, len(self._q), self.queued_events,
+        return ChannelStats(self.name, self.capacity, self.capacity_events, len(self._q),
+                            self.queued_events,
                             self.peak, len(self._space), self.sent_batches, self.sent_events,
                             self.dropped_batches, self.dropped_events, self.when_full)
 

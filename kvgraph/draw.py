@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 from .graph import Graph
 from .node import DEFAULT_PORT, ERRORS_PORT, Kind
-from .schema import DEFAULT_CAPACITY
+from .schema import DEFAULT_CAPACITY, DEFAULT_CAPACITY_EVENTS
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 
@@ -38,19 +38,23 @@ class DrawnEdge:
     dashed: bool
 
 
-def edge_label(port: str, capacity: int, when_full: str) -> str:
+def edge_label(port: str, capacity: int, when_full: str,
+               capacity_events: int = DEFAULT_CAPACITY_EVENTS) -> str:
     parts = []
     if port != DEFAULT_PORT:
         parts.append(port)
     if capacity != DEFAULT_CAPACITY:
         parts.append(f"cap {capacity}")
+    if capacity_events != DEFAULT_CAPACITY_EVENTS:
+        parts.append(f"cap {capacity_events} events")
     if when_full != "block":
         parts.append(when_full)
     return ", ".join(parts)
 
 
 def layout(graph: Graph) -> list[DrawnEdge]:
-    return [DrawnEdge(e.src, e.dst, edge_label(e.src_port, e.capacity, e.when_full),
+    return [DrawnEdge(e.src, e.dst, edge_label(e.src_port, e.capacity, e.when_full,
+                                               e.capacity_events),
                       e.src_port == ERRORS_PORT) for e in graph.edges]
 
 

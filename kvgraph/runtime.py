@@ -192,7 +192,7 @@ class Runtime:
         outlets: dict[str, dict[str, list[Channel]]] = {nid: {} for nid in self.graph.nodes}
         inputs: dict[str, list[Channel]] = {nid: [] for nid in self.graph.nodes}
         for e in self.graph.edges:
-            ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst)
+            ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst, e.capacity_events)
             self.channels.append(ch)
             outlets[e.src].setdefault(e.src_port, []).append(ch)
             inputs[e.dst].append(ch)

@@ -23,6 +23,7 @@ NODE_ID_PATTERN = r"^[a-z][a-z0-9_]*$"
 GRAPH_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 PORT_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
 DEFAULT_CAPACITY = 1024
+DEFAULT_CAPACITY_EVENTS = 16384
 WHEN_FULL = ["block", "drop_newest", "drop_oldest"]
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -42,6 +43,10 @@ EDGE_SCHEMA: dict[str, Any] = {
                "description": "The receiving node (its only input port is `in`)."},
         "capacity": {"type": "integer", "minimum": 1, "default": DEFAULT_CAPACITY,
                      "description": "Channel size, in batches."},
+        "capacity_events": {"type": "integer", "minimum": 1, "default": DEFAULT_CAPACITY_EVENTS,
+                            "description": "The same bound in events, since batches vary in "
+                                           "size and memory follows events; full at either "
+                                           "bound."},
         "when_full": {"enum": WHEN_FULL, "default": "block",
                       "description": "What a full channel does: `block` the sender (backpressure), "
                                      "or drop the newest or oldest batch (counted as lost)."},

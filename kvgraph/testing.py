@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
+from .embed import running
 from .metrics import CONTRACT
 from .node import Sink, integer
 from .registry import register
@@ -77,17 +78,10 @@ def load_text(text: str, environ: Mapping[str, str] | None = None) -> Any:
     return result.graph
 
 
-@contextlib.asynccontextmanager
-async def run_text(text: str, environ: Mapping[str, str] | None = None,
-                   base_dir: str | None = None) -> AsyncIterator[Runtime]:
+def run_text(text: str, environ: Mapping[str, str] | None = None,
+             base_dir: str | None = None) -> contextlib.AbstractAsyncContextManager[Runtime]:
     """Start a graph from TOML text; on exit stop it and wait until it drained."""
-    rt = Runtime(load_text(text, environ), environ or {}, base_dir or os.getcwd())
-    await rt.start()
-    try:
-        yield rt
-    finally:
-        rt.request_stop()
-        await rt.wait()
+    return running(Runtime(load_text(text, environ), environ or {}, base_dir or os.getcwd()))
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.005) -> None:

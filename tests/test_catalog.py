@@ -133,6 +133,9 @@ def test_public_api_is_pinned() -> None:
     import kvgraph
 
     assert sorted(kvgraph.__all__) == sorted([
-        "ConfigError", "GraphError", "Kind", "KvgraphError", "NodeType", "NodeTypeError",
-        "UsageError", "Validation", "__version__", "load", "register", "validate_file",
-        "validate_text"])
+        "ApiError", "Background", "ConfigError", "Event", "GraphError", "Kind", "KvgraphError",
+        "NodeFailure", "NodeType", "NodeTypeError", "Rejected", "RunResult", "Runtime", "Sink",
+        "Source", "Transform", "UsageError", "Validation", "__version__", "load", "open",
+        "register", "start", "validate_file", "validate_text"])
+    for name in kvgraph.__all__:
+        assert hasattr(kvgraph, name), name

@@ -295,3 +295,45 @@ def test_prometheus_endpoint() -> None:
     assert 'kvgraph_node_discarded_total{node="out",type="capture",kind="sink",' \
            'reason="unintentional"} 0' in text
     assert 'kvgraph_edge_capacity_batches{edge="src -> out",src="src",dst="out"} 1024' in text
+
+
+def test_channels_are_bounded_in_events_too() -> None:
+    async def go():
+        ch = Channel("a", 1024, "block", capacity_events=10)
+        inbox = Inbox([ch])
+        await ch.send(list(range(8)))
+        await ch.send(list(range(8)))  # 16 queued: at the bound now
+        sender = asyncio.create_task(ch.send(list(range(8))))
+        await wait_for(lambda: ch.statistics().waiting_senders == 1)
+        assert len(ch) == 2  # 2 batches of 1024 allowed, but the events bound holds
+        inbox.get_nowait()
+        inbox.get_nowait()
+        await sender
+        big = Channel("b", 4, "block", capacity_events=10)
+        Inbox([big])
+        await big.send(list(range(50)))  # larger than the bound, into an empty channel: allowed
+        assert big.full
+
+    asyncio.run(go())
+
+
+def test_kvgraph_open_and_start_in_a_thread(tmp_path) -> None:
+    import kvgraph
+
+    path = tmp_path / "g.toml"
+    path.write_text('[graph]\nname = "emb"\n[nodes.engine]\ntype = "api"\nblock_size = 2\n'
+                    f'[nodes.out]\ntype = "file"\npath = "{tmp_path}/out.jsonl"\n'
+                    '[[edges]]\nfrom = "engine"\nto = "out"\n')
+
+    async def in_loop():
+        async with kvgraph.open(path) as g:
+            g.publisher("engine").publish_stored([1, 2], 2, [7])
+        return g.result()
+
+    assert asyncio.run(in_loop()).metrics["out"]["events_out"] == 1
+    bg = kvgraph.start(path)
+    for i in range(100):
+        bg.publisher("engine").publish_removed([i])
+    result = bg.stop()
+    assert result is not None and result.ok and result.metrics["out"]["events_out"] == 100
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 100

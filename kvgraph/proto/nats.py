@@ -130,3 +130,17 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
 def redact_url(url: str) -> str:
     """A URL fit for a log line: credentials removed."""
     return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+async def connect_node(node: Any) -> Any:
+    """Connect a nats node (source or sink); a failure is a NodeFailure naming the servers."""
+    from ..errors import NodeFailure
+
+    c = node.config
+    node._closing = False
+    try:
+        return await connect(c, node.log, node.metrics, lambda: node._closing)
+    except Exception as exc:
+        urls = c["url"] if isinstance(c["url"], list) else [c["url"]]
+        raise NodeFailure(f"cannot connect to {', '.join(map(redact_url, urls))}: "
+                          f"{type(exc).__name__}: {exc}") from exc

@@ -75,19 +75,13 @@ class NatsSink(Sink):
 
     async def start(self) -> None:
         from ..codecs import dynamo, jsonl
-        from ..proto.nats import connect, redact_url
+        from ..proto.nats import connect_node
 
         c = self.config
         if c["jetstream"]:
             raise NodeFailure("JetStream publishing is not available yet; set jetstream = false")
         self._dynamo, self._jsonl = dynamo, jsonl
-        try:
-            self._closing = False
-            self.nc = await connect(c, self.log, self.metrics, lambda: self._closing)
-        except Exception as exc:
-            urls = c["url"] if isinstance(c["url"], list) else [c["url"]]
-            raise NodeFailure(f"cannot connect to {', '.join(map(redact_url, urls))}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+        self.nc = await connect_node(self)
         self._subject = c["subject"]
         self._templated = "{" in self._subject
         self._ids = dynamo.EventIds()

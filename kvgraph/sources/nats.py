@@ -61,7 +61,7 @@ class NatsSource(Source):
 
     async def start(self) -> None:
         from ..codecs import dynamo, jsonl
-        from ..proto.nats import connect, redact_url
+        from ..proto.nats import connect_node
 
         c = self.config
         if c["jetstream"]:
@@ -70,13 +70,7 @@ class NatsSource(Source):
         self._buf: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self.metrics.extra.setdefault("malformed", 0)
-        try:
-            self._closing = False
-            self.nc = await connect(c, self.log, self.metrics, lambda: self._closing)
-        except Exception as exc:
-            urls = c["url"] if isinstance(c["url"], list) else [c["url"]]
-            raise NodeFailure(f"cannot connect to {', '.join(map(redact_url, urls))}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+        self.nc = await connect_node(self)
         limit = c["max_buffered"]
 
         async def on_message(msg: Any) -> None:

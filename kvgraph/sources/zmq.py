@@ -41,7 +41,7 @@ class ZmqSource(Source):
                        100_000, minimum=0),
         "block_size": integer("Expected tokens per block; events that disagree go to `errors`. "
                               "0 accepts any.", 0, minimum=0),
-        "max_batch_events": integer("Most events handed downstream in one batch.", 4096,
+        "max_batch_events": integer("Most events handed downstream in one batch.", 1024,
                                     minimum=1),
     }
     required = ("endpoint",)

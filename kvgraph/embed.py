@@ -1,0 +1,88 @@
+"""Running a graph inside another program: an engine, a test, a notebook.
+
+* ``async with kvgraph.open("graph.toml") as g:`` runs the graph in the caller's event loop;
+  ``g.publisher("engine")`` is the ``api`` node's publisher.
+* ``kvgraph.start("graph.toml")`` runs it on a background thread with its own loop, for engines
+  that have no asyncio loop; the publisher is thread-safe, ``stop()`` drains and joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from typing import Any, AsyncIterator, Mapping
+
+from .errors import KvgraphError
+from .runtime import Runtime, RunResult
+from .validate import load
+
+
+@contextlib.asynccontextmanager
+async def running(rt: Runtime) -> AsyncIterator[Runtime]:
+    """Start ``rt``; on exit stop its sources and wait until everything drained."""
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        rt.request_stop()
+        await rt.wait()
+
+
+def open(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+         ) -> contextlib.AbstractAsyncContextManager[Runtime]:
+    """Validate, start, and on exit drain and stop the graph in ``path``."""
+    return running(Runtime(load(path, environ), environ))
+
+
+class Background:
+    """A graph running on its own thread. Create it with :func:`start`."""
+
+    def __init__(self, path: str | os.PathLike[str], environ: Mapping[str, str] | None):
+        self._graph = load(path, environ)
+        self._environ = environ
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.result: RunResult | None = None
+        self.runtime: Runtime | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._main, name="kvgraph", daemon=True)
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            self.runtime = Runtime(self._graph, self._environ)
+            try:
+                await self.runtime.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            self.result = await self.runtime.wait()
+
+        asyncio.run(body())
+
+    def publisher(self, node_id: str) -> Any:
+        assert self.runtime is not None
+        return self.runtime.publisher(node_id)
+
+    def stop(self, timeout: float | None = 60) -> RunResult | None:
+        """Stop the sources, drain, and wait for the thread; returns how the run ended."""
+        if self._loop is not None and self.runtime is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.runtime.request_stop)
+        self._thread.join(timeout)
+        return self.result
+
+
+def start(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
+          timeout: float = 30) -> Background:
+    """Start the graph on a background thread; returns once every node has started."""
+    bg = Background(path, environ)
+    bg._thread.start()
+    if not bg._ready.wait(timeout):
+        raise KvgraphError(f"graph {path} did not start within {timeout} s")
+    if bg._error is not None:
+        raise bg._error
+    return bg
