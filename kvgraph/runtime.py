@@ -355,6 +355,7 @@ class Runtime:
                 try:
                     await node.process(batch)
                 except asyncio.CancelledError:
+                    self.lost_events += len(batch)  # aborted while handling it
                     raise
                 except Exception as exc:
                     if not await self._handle_batch_error(node.id, batch, exc):

@@ -113,7 +113,8 @@ def nats_server_binary() -> str:
 class NatsServer:
     """A real nats-server on a free port, JetStream on, state in a temp dir."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
+        self.args = list(args)  # extra nats-server flags, e.g. ("--auth", "s3cret")
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -128,7 +129,7 @@ class NatsServer:
             self.port = port or free_port()
             self.proc = subprocess.Popen(
                 [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                 "-sd", self._dir.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 "-sd", self._dir.name, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
                 with socket.socket() as s:

@@ -483,3 +483,92 @@ def test_run_refuses_an_invalid_graph() -> None:
                           text=True, timeout=30)
     assert proc.returncode == 1
     assert "cycle: a -> b -> c -> a" in proc.stderr and "not starting" in proc.stderr
+
+
+def test_credentials_come_from_the_environment() -> None:
+    server = NatsServer("--auth", "s3cret-token").start()
+    text = f"""
+[graph]
+name = "auth"
+[nodes.engine]
+type = "api"
+[nodes.bus]
+type = "nats"
+url = "{server.url}"
+subject = "auth.events"
+format = "jsonl"
+token = "${{KVGRAPH_TEST_TOKEN}}"
+connect_attempts = 1
+[[edges]]
+from = "engine"
+to = "bus"
+"""
+    import nats
+
+    async def go():
+        nc = await nats.connect(server.url, token="s3cret-token")
+        bodies: list[bytes] = []
+
+        async def cb(msg):
+            bodies.append(msg.data)
+
+        await nc.subscribe("auth.events", cb=cb)
+        await nc.flush()
+        async with run_text(text, environ={"KVGRAPH_TEST_TOKEN": "s3cret-token"}) as rt:
+            rt.publisher("engine").publish_cleared()
+            await wait_for(lambda: len(bodies) == 1)
+        await nc.close()
+        return bodies
+
+    try:
+        assert b'"kind":"cleared"' in asyncio.run(go())[0]
+        from kvgraph.errors import NodeFailure
+
+        with pytest.raises(NodeFailure, match=r"cannot connect to nats://127\.0\.0\.1"):
+            async def wrong():
+                async with run_text(text, environ={"KVGRAPH_TEST_TOKEN": "wrong"}):
+                    pass
+            asyncio.run(wrong())
+    finally:
+        server.close()
+
+
+def test_second_signal_aborts_and_reports_the_loss(tmp_path: Path) -> None:
+    (tmp_path / "stuck.py").write_text(
+        "import asyncio\nasync def f(batch):\n    await asyncio.sleep(3600)\n")
+    graph = tmp_path / "stuck.toml"
+    graph.write_text(f"""
+[graph]
+name = "stuck"
+[nodes.src]
+type = "synthetic"
+rate = 0
+max_events = 2000
+[nodes.fn]
+type = "python"
+function = "stuck:f"
+path = "{tmp_path}"
+[nodes.out]
+type = "null"
+[[edges]]
+from = "src"
+to = "fn"
+[[edges]]
+from = "fn"
+to = "out"
+""")
+    report = tmp_path / "report.json"
+    proc = kvgraph_run(graph, "--report", str(report), "--status", "log",
+                       "--status-interval", "0.05")
+    while True:  # until a status line shows that the source produced something
+        line = proc.stderr.readline()
+        assert line, "kvgraph exited early"
+        if "status: src +" in line and "status: src +0 " not in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    data = json.loads(report.read_text())
+    assert data["aborted"] and data["lost_events"] > 0
+    assert "ABORTED" in err and "lost in flight" in err

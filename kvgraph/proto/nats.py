@@ -26,6 +26,9 @@ CONNECTION_OPTIONS: dict[str, JsonSchema] = {
     "connect_timeout_s": number("Timeout of one connection attempt.", 2.0, exclusive_minimum=0),
     "reconnect_wait_s": number("Initial wait between reconnect attempts (backs off).", 0.5,
                                exclusive_minimum=0),
+    "connect_attempts": {"type": "integer", "minimum": 1, "default": 10,
+                         "description": "Retries per server to connect at start; past them "
+                                        "the node fails to start."},
     "max_reconnect_attempts": {"type": "integer", "minimum": -1, "default": -1,
                                "description": "Reconnect attempts before the node fails; -1 "
                                               "retries for ever."},
@@ -87,7 +90,10 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
         "name": config.get("name", "kvgraph"),
         "connect_timeout": config["connect_timeout_s"],
         "reconnect_time_wait": config["reconnect_wait_s"],
-        "max_reconnect_attempts": config["max_reconnect_attempts"],
+        # nats-py applies this to the first connection too, where -1 would retry for ever:
+        # bound the start, then restore the configured value once connected.
+        # (nats-py treats 0 as "for ever" too, so the bound is at least 1 retry)
+        "max_reconnect_attempts": config["connect_attempts"],
         "allow_reconnect": True,
     }
     if "user" in config:
@@ -124,7 +130,9 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
         log.problem("nats-error", "NATS: %s: %s", type(exc).__name__, exc)
 
     opts.update(disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
-    return await nats.connect(**opts)
+    nc = await nats.connect(**opts)
+    nc.options["max_reconnect_attempts"] = config["max_reconnect_attempts"]
+    return nc
 
 
 def redact_url(url: str) -> str:
