@@ -116,26 +116,14 @@ def totals(rt: "Runtime", result: "RunResult") -> str:
 
 
 async def serve_metrics(rt: "Runtime", host: str, port: int) -> Any:
-    """A minimal HTTP server for ``GET /metrics`` (Prometheus text format)."""
+    """``GET /metrics`` in Prometheus text format."""
+    from .http import HttpError, serve
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
-            if path.split(b"?")[0] in (b"/metrics", b"/"):
-                body = prometheus([c.metrics for c in rt.contexts.values()], rt.channels,
-                                  time.monotonic() - rt.started_at).encode()
-                head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-            else:
-                body, head = b"not found\n", b"HTTP/1.1 404 Not Found\r\n"
-            writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                         .encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError,
-                asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+    def handle(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+        if path not in ("/metrics", "/"):
+            raise HttpError(404, "try /metrics")
+        text = prometheus([c.metrics for c in rt.contexts.values()], rt.channels,
+                          time.monotonic() - rt.started_at)
+        return 200, "text/plain; version=0.0.4", text.encode()
 
-    server = await asyncio.start_server(handle, host, port)
-    return server
+    return await serve(handle, host, port)

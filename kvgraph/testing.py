@@ -26,12 +26,27 @@ from typing import Any, Iterator, Mapping
 
 from .embed import running
 from .metrics import CONTRACT
-from .node import Sink, integer
+from .node import Sink, Source, integer, string
 from .registry import register
 from .runtime import Runtime
 from .validate import validate_text
 
 CAPTURED: dict[str, list[Any]] = {}
+FEEDS: dict[str, list[list[Any]]] = {}
+
+
+@register
+class FeedSource(Source):
+    name = "feed"
+    hidden = True
+    summary = "Test source: emits the batches in kvgraph.testing.FEEDS[feed], then ends."
+    options = {"feed": string("Key in FEEDS.")}
+    required = ("feed",)
+
+    async def run(self) -> None:
+        for batch in FEEDS[self.config["feed"]]:
+            self.metrics.events_in += len(batch)
+            await self.ctx.emit(list(batch))
 
 
 @register

@@ -3,13 +3,30 @@
 Keeps per (worker_id, dp_rank) block maps in a radix tree keyed by Dynamo's tokens_hash, with
 the router's semantics, and answers "which worker holds the longest prefix" over HTTP:
 ``POST /query``, ``POST /query_by_hash``, ``GET /workers``, ``GET /dump``.
+
+The same queries without HTTP, on a running graph: ``rt.nodes["index"].query(token_ids)``,
+``.query_by_hash(tokens_hashes)``, ``.workers()``, ``.dump()``.
+
+    POST /query          {"token_ids": [...], "lora_name": "a", "cache_salt": "t"}   (the last
+                         two optional) -> {"scores": [{"worker_id", "dp_rank",
+                         "matched_blocks"}...], "query_blocks": n, "tree_size": nodes,
+                         "blocks": blocks held}
+    POST /query_by_hash  {"block_hashes": [tokens_hash...]}: the same, for a request whose
+                         Dynamo tokens_hash sequence is already known (the router's keys)
+    GET  /workers        [{"worker_id", "dp_rank", "blocks"}...]
+    GET  /dump           RouterEvents (JSON lines) that rebuild this state in an empty index
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable, Mapping
 
+from ..codecs import dynamo
+from ..event import CLEARED, STORED, Event
+from ..http import HttpError, json_response, serve
 from ..node import Bind, Sink, integer, string
+from ..prefix_index import IndexError_, PrefixIndex, Score
 from ..registry import register
 
 
@@ -34,3 +51,112 @@ class IndexSink(Sink):
         port = options.get("port", 8090)
         if port:
             yield Bind("port", f"http://{options.get('host', '127.0.0.1')}:{port}")
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config
+        self.index = PrefixIndex(c["max_blocks"])
+        for name in ("unknown_removes", "rejected_stores"):
+            self.metrics.extra.setdefault(name, 0)
+        self._server = await serve(self._handle, c["host"], c["port"], c["max_body_bytes"])
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.log.info("index queries on http://%s:%d", c["host"], self.port)
+
+    async def stop(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.close()
+
+    async def write(self, batch: list[Any]) -> None:
+        idx, bs = self.index, self.config["block_size"]
+        bad = []
+        for e in batch:
+            if not isinstance(e, Event):
+                bad.append(self.ctx.rejected("not an event"))
+                continue
+            w = (e.worker_id, e.dp_rank)
+            try:
+                if e.kind == STORED:
+                    idx.store(w, e.parent_hash, e.block_hashes, dynamo.block_hashes_for(e, bs))
+                elif e.kind == CLEARED:
+                    idx.clear(w)
+                else:
+                    self.metrics.extra["unknown_removes"] += idx.remove(w, e.block_hashes)
+            except (IndexError_, dynamo.ConversionError) as exc:
+                self.metrics.extra["rejected_stores"] += 1
+                bad.append(self.ctx.rejected(str(exc), e))
+        self.metrics.extra["blocks"] = idx.blocks
+        self.metrics.extra["tree_nodes"] = idx.nodes
+        await self.ctx.reject(bad)
+
+    # -- queries (Python API; the HTTP API calls these) -----------------------------------------
+
+    def query(self, token_ids: list[int], lora_name: str | None = None,
+              cache_salt: str | None = None) -> dict[str, Any]:
+        hashes = dynamo.tokens_hash(token_ids, self.config["block_size"], lora_name, cache_salt)
+        return self._answer(self.index.query_hashes(hashes), len(hashes))
+
+    def query_by_hash(self, tokens_hashes: list[int]) -> dict[str, Any]:
+        return self._answer(self.index.query_hashes(tokens_hashes), len(tokens_hashes))
+
+    def _answer(self, scores: list[Score], n: int) -> dict[str, Any]:
+        return {"scores": [s.__dict__ for s in scores], "query_blocks": n,
+                "tree_size": self.index.nodes, "blocks": self.index.blocks}
+
+    def workers(self) -> list[dict[str, int]]:
+        return self.index.workers()
+
+    def dump(self) -> list[dict[str, Any]]:
+        """RouterEvents (Dynamo 1.6.1 JSON shape) that rebuild this index's state."""
+        ids = dynamo.EventIds()
+        out = []
+        for (wid, rank), kind, data in self.index.dump():
+            e = Event(kind=kind, worker_id=wid, dp_rank=rank, block_hashes=data["block_hashes"],
+                      parent_hash=data.get("parent_hash"),
+                      tokens_hashes=data.get("tokens_hashes"))
+            out.append(dynamo.router_event(e, ids.next(wid, rank), self.config["block_size"]))
+        return out
+
+    async def _handle(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+        routes = {("POST", "/query"): self._http_query, ("POST", "/query_by_hash"):
+                  self._http_query_by_hash, ("GET", "/workers"): lambda _: self.workers()}
+        if (method, path) == ("GET", "/dump"):
+            lines = b"".join(dynamo.encode_json(r) + b"\n" for r in self.dump())
+            return 200, "application/x-ndjson", lines
+        handler = routes.get((method, path))
+        if handler is None:
+            if any(p == path for _, p in routes) or path == "/dump":
+                raise HttpError(405, f"{method} is not allowed on {path}")
+            raise HttpError(404, "endpoints: POST /query, POST /query_by_hash, GET /workers, "
+                                 "GET /dump")
+        return json_response(handler(body))
+
+    @staticmethod
+    def _json_body(body: bytes) -> dict[str, Any]:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise HttpError(400, f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise HttpError(422, "body must be a JSON object")
+        return data
+
+    @staticmethod
+    def _int_list(data: dict[str, Any], key: str, limit: int) -> list[int]:
+        v = data.get(key)
+        if not isinstance(v, list) or not all(type(x) is int and 0 <= x <= limit for x in v):
+            raise HttpError(422, f"{key!r} must be a list of integers in 0..{limit}")
+        return v
+
+    def _http_query(self, body: bytes) -> dict[str, Any]:
+        data = self._json_body(body)
+        tokens = self._int_list(data, "token_ids", 0xFFFFFFFF)
+        for key in ("lora_name", "cache_salt"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise HttpError(422, f"{key!r} must be a string")
+        return self.query(tokens, data.get("lora_name"), data.get("cache_salt"))
+
+    def _http_query_by_hash(self, body: bytes) -> dict[str, Any]:
+        data = self._json_body(body)
+        return self.query_by_hash(self._int_list(data, "block_hashes", (1 << 64) - 1))

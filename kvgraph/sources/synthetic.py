@@ -21,7 +21,7 @@ import xxhash
 from ..codecs.vllm import encode_payload
 from ..event import CLEARED, REMOVED, STORED, Event
 from ..node import (Bind, CheckContext, Source, Problem, integer, number, string)
-from ..proto.zmq import parse_endpoint, rank_endpoints
+from ..proto.zmq import parse_endpoint
 from ..registry import register
 
 
@@ -47,8 +47,12 @@ class SyntheticSource(Source):
         "cache_blocks": integer("Blocks each engine holds before it evicts.", 4096, minimum=1),
         "clear_probability": number("Chance per batch that an engine clears its cache.", 0.0005,
                                     minimum=0),
-        "zmq_endpoint": string("Also publish through ZMQ PUB sockets in vLLM's wire format: "
-                               "worker r binds port + r of this tcp endpoint."),
+        "zmq_endpoint": string("Also publish in vLLM's wire format on a ZMQ PUB socket bound "
+                               "here; engine r uses the topic kv@synthetic-<r>@synthetic and "
+                               "its own seq (read it with worker_id_from = \"topic\")."),
+        "zmq_wait_subscriber_s": number("Wait up to this long for a subscriber before "
+                                        "publishing (ZMQ drops what is sent before).", 0,
+                                        minimum=0),
         "zmq_encoding": string("Event encoding on ZMQ: `map` (vLLM >= 0.24) or `array`.",
                                "map", enum=["map", "array"]),
     }
@@ -65,19 +69,13 @@ class SyntheticSource(Source):
                 yield Problem("zmq_endpoint", f"{options['zmq_endpoint']!r} is not a ZMQ "
                               "endpoint", hint=str(exc))
                 return
-            if ep.transport != "tcp" and options.get("workers", 4) > 1:
-                yield Problem("zmq_endpoint", "several workers need a tcp endpoint: worker r "
-                              "binds port + r")
-            elif ep.transport == "tcp" and ep.port is None:
-                yield Problem("zmq_endpoint", "give a port number: worker r binds port + r")
+            if ep.transport == "tcp" and ep.port is None:
+                yield Problem("zmq_endpoint", "give a port number")
 
     @classmethod
     def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
         if "zmq_endpoint" in options:
-            ep = options["zmq_endpoint"]
-            n = options.get("workers", 4) if ep.startswith("tcp://") else 1
-            for address in rank_endpoints(ep, n, 1):
-                yield Bind("zmq_endpoint", address)
+            yield Bind("zmq_endpoint", options["zmq_endpoint"])
 
     # -- runtime ------------------------------------------------------------------------------
 
@@ -86,20 +84,22 @@ class SyntheticSource(Source):
         self.sim = Simulation(c["workers"], c["block_size"], c["seed"], c["prompt_blocks_mean"],
                               c["prefix_share"], c["system_prompts"], c["cache_blocks"],
                               c["clear_probability"])
-        self._socks: list[Any] = []
+        self._sock: Any = None
         if "zmq_endpoint" in c:
             import zmq
 
-            self._zctx = zmq.Context.instance()
-            ep = c["zmq_endpoint"]
-            endpoints = rank_endpoints(ep, c["workers"], 1) if ep.startswith("tcp://") else [ep]
-            for address in endpoints:
-                sock = self._zctx.socket(zmq.PUB)
-                sock.setsockopt(zmq.SNDHWM, 100_000)
-                sock.setsockopt(zmq.LINGER, 1000)
-                sock.bind(address)
-                self._socks.append(sock)
-            self.log.info("publishing vLLM frames on %s", ", ".join(endpoints))
+            sock = zmq.Context.instance().socket(zmq.XPUB)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.bind(c["zmq_endpoint"])
+            self._sock = sock
+            self.log.info("publishing vLLM frames on %s", c["zmq_endpoint"])
+            wait = c["zmq_wait_subscriber_s"]
+            if wait:
+                from zmq.asyncio import Socket
+
+                if not await Socket.from_socket(sock).poll(int(wait * 1000), zmq.POLLIN):
+                    self.log.warning("no subscriber after %.1f s; publishing anyway", wait)
 
     async def run(self) -> None:
         c = self.config
@@ -122,9 +122,8 @@ class SyntheticSource(Source):
             seq = seqs[worker]
             seqs[worker] += 1
             events = [msgspec.structs.replace(e, seq=seq, ts=now) for e in events]
-            if self._socks:
-                sock = self._socks[worker % len(self._socks)]
-                sock.send_multipart([f"kv@synthetic-{worker}@synthetic".encode(),
+            if self._sock is not None:
+                self._sock.send_multipart([f"kv@synthetic-{worker}@synthetic".encode(),
                                      seq.to_bytes(8, "big"),
                                      encode_payload(events, now, 0, encoding)])
             produced += len(events)
@@ -138,8 +137,8 @@ class SyntheticSource(Source):
                 await asyncio.sleep(0)
 
     async def stop(self) -> None:
-        for sock in getattr(self, "_socks", []):
-            sock.close()
+        if getattr(self, "_sock", None) is not None:
+            self._sock.close()
 
 
 class Simulation:

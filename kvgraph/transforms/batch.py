@@ -7,8 +7,19 @@ A run is flushed on a kind change, a worker, DP rank or tier change, a chain bre
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import msgspec
+
+from ..event import REMOVED, STORED, Event
 from ..node import Transform, integer, number
 from ..registry import register
+
+# Fields that must be equal for two stores to become one event (beyond worker and rank).
+_STORE_SAME = ("medium", "lora_name", "lora_id", "cache_salt", "block_size", "group_idx",
+               "kv_cache_spec_kind", "kv_cache_spec_sliding_window", "locality", "ownership",
+               "session_id")
 
 
 @register
@@ -20,3 +31,96 @@ class Batch(Transform):
                               minimum=1),
         "max_delay_ms": number("Longest an event waits for a merge partner.", 5, minimum=0),
     }
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._run: list[Event] = []        # the events being merged, oldest first
+        self._hashes: set[int] = set()     # block hashes in the current run
+        self._lock = asyncio.Lock()        # timer flushes and batches keep their order
+        self._timer: asyncio.TimerHandle | None = None
+        self.metrics.extra.setdefault("merged_away", 0)
+
+    def _joins(self, e: Event) -> bool:
+        """Can ``e`` extend the current run?"""
+        run = self._run
+        if not run:
+            return False
+        last = run[-1]
+        if (e.kind != last.kind or e.worker_id != last.worker_id or e.dp_rank != last.dp_rank
+                or len(run) >= self.config["max_events"]):
+            return False
+        if e.kind == REMOVED:
+            return e.medium == last.medium and e.group_idx == last.group_idx
+        if e.kind != STORED or not last.block_hashes or e.parent_hash != last.block_hashes[-1]:
+            return False
+        if any(getattr(e, f) != getattr(last, f) for f in _STORE_SAME):
+            return False
+        if (e.extra_keys is None) != (last.extra_keys is None) or \
+                (e.tokens_hashes is None) != (last.tokens_hashes is None) or \
+                bool(e.token_ids) != bool(last.token_ids) or e.lookahead_token_ids is not None:
+            return False
+        return not self._hashes.intersection(e.block_hashes)
+
+    def _take_run(self) -> Event | None:
+        run = self._run
+        if not run:
+            return None
+        self._run, self._hashes = [], set()
+        if len(run) == 1:
+            return run[0]
+        self.metrics.extra["merged_away"] += len(run) - 1
+        first = run[0]
+        changes: dict[str, Any] = {"block_hashes": [h for e in run for h in e.block_hashes]}
+        if first.kind == STORED:
+            changes["token_ids"] = [t for e in run for t in e.token_ids]
+            if first.extra_keys is not None:
+                changes["extra_keys"] = [k for e in run for k in e.extra_keys or ()]
+            if first.tokens_hashes is not None:
+                changes["tokens_hashes"] = [t for e in run for t in e.tokens_hashes or ()]
+        return msgspec.structs.replace(first, **changes)
+
+    async def process(self, batch: list[Event]) -> None:
+        async with self._lock:  # a timer flush never runs between reading and emitting a run
+            out: list[Event] = []
+            for e in batch:
+                if self._joins(e):
+                    self._run.append(e)
+                    if e.kind == STORED:
+                        self._hashes.update(e.block_hashes)
+                    continue
+                done = self._take_run()
+                if done is not None:
+                    out.append(done)
+                if e.kind in (STORED, REMOVED):
+                    self._run = [e]
+                    if e.kind == STORED:
+                        self._hashes = set(e.block_hashes)
+                else:
+                    out.append(e)  # a clear (or anything else) ends a run and passes alone
+            await self.ctx.emit(out)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._run:
+            return
+        delay = self.config["max_delay_ms"] / 1000
+        if delay <= 0:
+            asyncio.get_running_loop().create_task(self._flush())
+        else:
+            self._timer = asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.ensure_future(self._flush()))
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            done = self._take_run()
+            if done is not None:
+                await self.ctx.emit([done])
+
+    async def finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._flush()

@@ -1,0 +1,85 @@
+"""A deliberately small HTTP/1.1 server for kvgraph's own endpoints (metrics, the index API).
+
+One request per connection, bodies bounded, JSON errors: enough for Prometheus scrapes and
+routers' queries, with no dependency. Every malformed request gets a 4xx with a clear message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Awaitable, Callable
+
+Response = tuple[int, str, bytes]                     # status, content type, body
+Handler = Callable[[str, str, bytes], Awaitable[Response] | Response]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
+            422: "Unprocessable Entity", 500: "Internal Server Error"}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return status, "application/json", json.dumps(obj).encode() + b"\n"
+
+
+def _error(status: int, message: str) -> Response:
+    return json_response({"error": message}, status)
+
+
+async def _read_request(reader: asyncio.StreamReader, max_body: int) -> tuple[str, str, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line")
+    method, path = parts[0], parts[1].split("?", 1)[0]
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                raise HttpError(400, "bad Content-Length") from None
+            if length < 0:
+                raise HttpError(400, "bad Content-Length")
+        elif name.strip().lower() == "transfer-encoding":
+            raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
+    if length > max_body:
+        raise HttpError(413, f"body of {length} bytes is over the limit of {max_body}")
+    body = await asyncio.wait_for(reader.readexactly(length), 30) if length else b""
+    return method, path, body
+
+
+async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20) -> Any:
+    """Start serving; returns the asyncio Server (``server.sockets[0]`` has the real port)."""
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                method, path, body = await _read_request(reader, max_body)
+                result = handler(method, path, body)
+                status, ctype, payload = await result if asyncio.iscoroutine(result) \
+                    else result  # type: ignore[misc]
+            except HttpError as exc:
+                status, ctype, payload = _error(exc.status, str(exc))
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                status, ctype, payload = _error(408, "incomplete request")
+            except Exception as exc:  # a handler bug must not kill the server
+                status, ctype, payload = _error(500, f"{type(exc).__name__}: {exc}")
+            writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}"
+                         f"\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                         .encode() + payload)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(on_connection, host, port, limit=1 << 16)
