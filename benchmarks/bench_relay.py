@@ -34,6 +34,9 @@ from kvgraph.event import Event  # noqa: E402
 from kvgraph.testing import NatsServer, free_port  # noqa: E402
 
 
+BLOCKS = [4]
+
+
 def make_messages(n_messages: int, per_message: int, blocks: int, bs: int = 16
                   ) -> list[list[bytes]]:
     import random
@@ -54,9 +57,11 @@ def make_messages(n_messages: int, per_message: int, blocks: int, bs: int = 16
 
 
 def count_events(body: bytes, fmt: str) -> int:
+    """Events in a message; a merged RouterEvent counts as its blocks / blocks_per_event."""
     if fmt == "dynamo-msgpack":
         env = msgspec.msgpack.decode(body)
-        return len(msgspec.msgpack.decode(env["payload"]))
+        routers = msgspec.msgpack.decode(env["payload"])
+        return sum(len(r["event"]["data"]["stored"]["blocks"]) for r in routers) // BLOCKS[0]
     if fmt == "jsonl":
         return body.count(b"\n")
     return 1
@@ -67,10 +72,13 @@ def main() -> None:
     ap.add_argument("--events-per-message", type=int, default=16)
     ap.add_argument("--messages", type=int, default=0, help="default: 320k events' worth")
     ap.add_argument("--blocks-per-event", type=int, default=4)
+    ap.add_argument("--transforms", default="",
+                    help='transforms between the ZMQ source and NATS, e.g. "dedup batch"')
     ap.add_argument("--format", default="dynamo-msgpack",
                     choices=["dynamo-msgpack", "dynamo-json", "jsonl"])
     args = ap.parse_args()
     per = args.events_per_message
+    BLOCKS[0] = args.blocks_per_event
     n_msgs = args.messages or max(1, 320_000 // per)
     msgs = make_messages(n_msgs, per, args.blocks_per_event)
     total = n_msgs * per
@@ -79,21 +87,23 @@ def main() -> None:
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="kvgraph-bench-"))
     graph = tmp / "relay.toml"
+    chain = ["engine", *(f"t{i}" for i in range(len(args.transforms.split()))), "router"]
+    transforms = "".join(f'[nodes.t{i}]\ntype = "{t}"\n'
+                         for i, t in enumerate(args.transforms.split()))
+    edges = "".join(f'[[edges]]\nfrom = "{a}"\nto = "{b}"\n' for a, b in zip(chain, chain[1:]))
     graph.write_text(f"""
 [graph]
 name = "bench-relay"
 [nodes.engine]
 type = "zmq"
 endpoint = "tcp://127.0.0.1:{port}"
+{transforms}
 [nodes.router]
 type = "nats"
 url = "{server.url}"
 subject = "bench.kv-events"
 format = "{args.format}"
-[[edges]]
-from = "engine"
-to = "router"
-""")
+{edges}""")
     ctx = zmq.Context.instance()
     pub = ctx.socket(zmq.XPUB)
     pub.setsockopt(zmq.SNDHWM, 0)
@@ -147,7 +157,8 @@ to = "router"
     sub_thread.join()
     server.close()
     lost = total - received[0]
-    print(f"format={args.format} events/message={per} blocks/event={args.blocks_per_event}: "
+    print(f"{'ZMQ -> ' + ' -> '.join(args.transforms.split() + ['NATS'])}: "
+          f"format={args.format} events/message={per} blocks/event={args.blocks_per_event}: "
           f"{received[0] / elapsed:,.0f} events/s ({received[0] * args.blocks_per_event / elapsed:,.0f} "
           f"blocks/s), {total} events in {elapsed:.2f} s, relay CPU {100 * cpu / elapsed:.0f}%"
           f" of a core, relay peak RSS {rss / 1024:.0f} MB, lost {lost}")

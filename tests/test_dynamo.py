@@ -99,3 +99,33 @@ def test_envelope_round_trip() -> None:
     pid, seq, events = decode_envelope(first)
     assert (pid, seq, len(events)) == (42, 0, 3)
     assert events[0].tokens_hashes == [9143094415614847814]
+
+
+SPEC_LITERAL = ('{"worker_id": 7, "storage_tier": "device", "residency_domain": "worker", '
+                '"event": {"event_id": 1, "data": {"stored": {"parent_hash": null, '
+                '"start_position": null, "blocks": [{"block_hash": 111, '
+                '"tokens_hash": 9143094415614847814, "mm_extra_info": null}]}}, "dp_rank": 0}}')
+
+
+def test_router_event_json_is_byte_identical_to_the_spec_literal() -> None:
+    compact = json.dumps(json.loads(SPEC_LITERAL), separators=(",", ":")).encode()
+    assert encode_json(router_event(stored(), 1, 4)) == compact
+
+
+def test_envelope_bytes() -> None:
+    """The 1.6.1 envelope, byte by byte: a msgpack map of five keys in the spec's order, the
+    payload a msgpack bin holding a list of RouterEvent maps with named fields."""
+    routers = [router_event(stored(), 1, 4)]
+    body = EnvelopeWriter(publisher_id=5).encode(routers, 1_700_000_000_000)
+
+    def s(text: str) -> bytes:  # fixstr
+        return bytes([0xA0 | len(text)]) + text.encode()
+
+    payload = msgspec.msgpack.encode(routers)
+    assert payload[:1] == b"\x91" and payload[1:2] == b"\x84"  # list of 1, map of 4 keys
+    assert s("worker_id") in payload and s("storage_tier") in payload
+    expected = (b"\x85" + s("publisher_id") + b"\x05" + s("sequence") + b"\x00"
+                + s("published_at") + b"\xcf" + (1_700_000_000_000).to_bytes(8, "big")
+                + s("topic") + s("kv-events")
+                + s("payload") + b"\xc4" + bytes([len(payload)]) + payload)
+    assert body == expected

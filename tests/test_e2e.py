@@ -560,15 +560,198 @@ to = "out"
     report = tmp_path / "report.json"
     proc = kvgraph_run(graph, "--report", str(report), "--status", "log",
                        "--status-interval", "0.05")
-    while True:  # until a status line shows that the source produced something
-        line = proc.stderr.readline()
-        assert line, "kvgraph exited early"
-        if "status: src +" in line and "status: src +0 " not in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    try:
+        while True:  # until a status line shows that the source produced something
+            line = proc.stderr.readline()
+            assert line, "kvgraph exited early"
+            if "status: src +" in line and "status: src +0 " not in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 1, err
     data = json.loads(report.read_text())
     assert data["aborted"] and data["lost_events"] > 0
     assert "ABORTED" in err and "lost in flight" in err
+
+
+# -- Dynamo 1.6.1 end to end: synthetic engines -> ZMQ -> relay -> NATS -> a second graph's index
+
+def test_synthetic_zmq_relay_nats_index_equals_an_index_fed_directly(tmp_path: Path,
+                                                                     nats_url: str) -> None:
+    from kvgraph.prefix_index import PrefixIndex
+    from kvgraph.sources._frames import worker_id_from_topic
+    from kvgraph.sources.synthetic import Simulation
+
+    workers, events_n, per_batch, seed = 3, 3000, 16, 11
+    engines = tmp_path / "engines.toml"
+    engines.write_text(f"""
+[graph]
+name = "engines"
+[nodes.engines]
+type = "synthetic"
+workers = {workers}
+seed = {seed}
+rate = 0
+max_events = {events_n}
+events_per_batch = {per_batch}
+cache_blocks = 200
+clear_probability = 0.01
+zmq_endpoint = "ipc://{tmp_path}/engines.sock"
+zmq_wait_subscriber_s = 30
+[nodes.sink]
+type = "null"
+[[edges]]
+from = "engines"
+to = "sink"
+""")
+    relay = tmp_path / "relay.toml"
+    relay.write_text(f"""
+[graph]
+name = "relay"
+[nodes.engines]
+type = "zmq"
+endpoint = "ipc://{tmp_path}/engines.sock"
+worker_id_from = "topic"
+[nodes.dedup]
+type = "dedup"
+[nodes.batch]
+type = "batch"
+[nodes.router]
+type = "nats"
+url = "{nats_url}"
+subject = "namespace.t.component.backend.endpoint.generate.kv-events"
+format = "dynamo-msgpack"
+[[edges]]
+from = "engines"
+to = "dedup"
+[[edges]]
+from = "dedup"
+to = "batch"
+[[edges]]
+from = "batch"
+to = "router"
+""")
+    consumer = f"""
+[graph]
+name = "consumer"
+[nodes.bus]
+type = "nats"
+url = "{nats_url}"
+subject = "namespace.t.component.backend.endpoint.generate.kv-events"
+format = "dynamo-msgpack"
+[nodes.index]
+type = "index"
+port = 0
+[[edges]]
+from = "bus"
+to = "index"
+"""
+    # The index fed directly, from the same deterministic simulation.
+    sim = Simulation(workers, 16, seed, 8, 0.6, 8, 200, 0.01)
+    direct = PrefixIndex()
+    ids = {r: worker_id_from_topic(f"kv@synthetic-{r}@synthetic".encode())
+           for r in range(workers)}
+    produced = 0
+    while produced < events_n:
+        _, evs = sim.step(min(per_batch, events_n - produced))
+        produced += len(evs)
+        for e in evs:
+            w = (ids[e.worker_id], 0)
+            if e.kind == "stored":
+                direct.store(w, e.parent_hash, e.block_hashes, tokens_hash(e.token_ids, 16))
+            elif e.kind == "removed":
+                direct.remove(w, e.block_hashes)
+            else:
+                direct.clear(w)
+    want = {w: direct.held(w) for w in [(i, 0) for i in ids.values()]}
+
+    async def go():
+        async with run_text(consumer) as rt:
+            idx = rt.nodes["index"].index
+            p_engines = kvgraph_run(engines)
+            p_relay = kvgraph_run(relay, "--report", str(tmp_path / "relay.json"))
+            try:
+                await asyncio.to_thread(p_engines.wait, 60)
+                await wait_for(lambda: {w: idx.held(w) for w in want} == want, timeout=60)
+                code, err = await asyncio.to_thread(stop, p_relay)
+                assert code == 0, err
+            finally:
+                for p in (p_engines, p_relay):
+                    if p.poll() is None:
+                        p.kill()
+            queries = [list(range(64)), sim.system[0] + [1] * 32]
+            return [rt.nodes["index"].query(q) for q in queries], rt
+
+    answers, rt = asyncio.run(go())
+    for q, got in zip([list(range(64)), sim.system[0] + [1] * 32], answers):
+        expected = [s.__dict__ for s in direct.query_hashes(tokens_hash(q, 16))]
+        assert got["scores"] == expected
+    assert answers[1]["scores"]  # the shared system prompt is held somewhere
+    assert answers[1]["tree_size"] == direct.nodes
+    report = json.loads((tmp_path / "relay.json").read_text())
+    m = report["metrics"]
+    assert m["engines"]["seq_gaps"] == 0 and m["engines"]["events_out"] == events_n
+    assert m["batch"]["merged_away"] > 0  # batching really happened
+    assert m["router"]["errors"] == 0
+
+
+def test_zmq_sink_republishes_in_vllm_format_and_serves_replay(tmp_path: Path) -> None:
+    """api -> zmq sink -> (a second graph's) zmq source: the vLLM wire format round-trips, and
+    the replay endpoint answers a DEALER with the buffered messages and the end marker."""
+    import zmq
+
+    pub_ep, replay_ep = f"ipc://{tmp_path}/out.sock", f"ipc://{tmp_path}/replay.sock"
+    producer = f"""
+[graph]
+name = "republish"
+[nodes.rec]
+type = "api"
+[nodes.out]
+type = "zmq"
+endpoint = "{pub_ep}"
+topic = "kv@relay@model"
+replay_endpoint = "{replay_ep}"
+[[edges]]
+from = "rec"
+to = "out"
+"""
+    consumer = zmq_graph(pub_ep)
+
+    async def go():
+        async with run_text(producer) as prod:
+            async with run_text(consumer) as cons:
+                # wait until the consumer's SUB is connected: probe until one arrives
+                pub = prod.publisher("rec")
+                while not capture("out"):
+                    pub.publish_cleared()
+                    await asyncio.sleep(0.01)
+                base = len(capture("out"))
+                pub.publish_stored(list(range(32)), 16, [2**64 - 1, 5], lora_name="x")
+                pub.publish_removed([5])
+                await wait_for(lambda: len(capture("out")) == base + 2)
+                dealer = zmq.Context.instance().socket(zmq.DEALER)
+                dealer.connect(replay_ep)
+                dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+                replies = []
+                while True:
+                    assert await asyncio.to_thread(dealer.poll, 10_000)
+                    msg = dealer.recv_multipart()
+                    replies.append(msg)
+                    if msg[2] == b"\xff" * 8:
+                        break
+                dealer.close()
+        return replies, cons
+
+    replies, _ = asyncio.run(go())
+    got = capture("out")[-2:]
+    assert got[0].kind == "stored" and got[0].block_hashes == [2**64 - 1, 5]
+    assert got[0].lora_name == "x" and got[0].token_ids == list(range(32))
+    assert got[1].kind == "removed" and got[1].block_hashes == [5]
+    body, end = replies[:-1], replies[-1]
+    assert end == [b"", b"", b"\xff" * 8, b""]
+    assert [int.from_bytes(m[2], "big") for m in body] == list(range(len(body)))
+    assert all(m[1] == b"kv@relay@model" for m in body)

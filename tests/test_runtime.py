@@ -220,19 +220,23 @@ def test_missing_env_var_refuses_to_start() -> None:
 
 
 def test_declared_but_unimplemented_types_are_refused_clearly() -> None:
+    from kvgraph import Sink, register
     from kvgraph.errors import UsageError
 
-    unimplemented = [t for t in registry.all_types() if not t.implemented()]
-    if not unimplemented:
-        pytest.skip("every type runs")
-    t = unimplemented[0]
-    kind = f'kind = "{t.kind}"\n' if len(registry.named(t.name)) > 1 else ""
-    text = graph(f'[nodes.n]\ntype = "{t.name}"\n{kind}{t.example}\n')
-    with pytest.raises(UsageError, match="declared but cannot run yet"):
-        asyncio.run(Runtime(load_text(text), {}).start())
+    @register
+    class DeclaredOnly(Sink):
+        name = "test_declared_only"
+        hidden = True
+        summary = "Declared, with no write()."
 
+    try:
+        text = graph('[nodes.a]\ntype = "api"\n[nodes.n]\ntype = "test_declared_only"\n'
+                     '[[edges]]\nfrom = "a"\nto = "n"\n')
+        with pytest.raises(UsageError, match=r"cannot run yet: n \(sink test_declared_only\)"):
+            asyncio.run(Runtime(load_text(text), {}).start())
+    finally:
+        registry._types.pop(("test_declared_only", DeclaredOnly.kind))
 
-# -- the metrics contract -------------------------------------------------------------------------
 
 CONTRACT_GRAPHS = {
     ("source", "synthetic"): SYNTH.format(n=50) + '[nodes.n]\ntype = "capture"\n'
@@ -253,8 +257,9 @@ def _contract_graph(t, fixture: str) -> str | None:
                                              "python": 'function = "builtins:list"\n'}.get(
             t.name, "") + '[nodes.out]\ntype = "capture"\n'
                 '[[edges]]\nfrom = "src"\nto = "n"\n[[edges]]\nfrom = "n"\nto = "out"\n')
-    if t.kind.value == "sink" and t.name in ("null", "stdout", "file", "capture"):
-        opts = 'path = "{tmp}/out.jsonl"\n' if t.name == "file" else ""
+    if t.kind.value == "sink" and t.name in ("null", "stdout", "file", "capture", "index", "zmq"):
+        opts = {"file": 'path = "{tmp}/out.jsonl"\n', "index": "port = 0\n",
+                "zmq": 'endpoint = "ipc://{tmp}/z.sock"\n'}.get(t.name, "")
         return SYNTH.format(n=50) + node + opts + '[[edges]]\nfrom = "src"\nto = "n"\n'
     return None  # needs a service: covered by test_e2e_nats
 

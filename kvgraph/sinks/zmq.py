@@ -1,11 +1,16 @@
 """``zmq`` sink: re-publish events in vLLM's wire format, so that any vLLM consumer can read them.
 
-Frames are ``[topic, seq, payload]`` with seq counting from 0; with ``replay_endpoint`` it also
-serves vLLM's replay protocol from a buffer of recent batches.
+Frames are ``[topic, seq, payload]`` with seq counting from 0, one message per input batch and
+(worker, DP rank) in it. With ``replay_endpoint`` it also serves vLLM's replay protocol (the
+0.26+ reply shape, with the topic frame) from a buffer of the last ``buffer_steps`` messages.
+
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import deque
 from typing import Any, Iterable, Mapping
 
 from ..node import Bind, CheckContext, Sink, Problem, boolean, integer, string
@@ -51,3 +56,67 @@ class ZmqSink(Sink):
             yield Bind("endpoint", options["endpoint"])
         if "replay_endpoint" in options:
             yield Bind("replay_endpoint", options["replay_endpoint"])
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        from ..codecs.vllm import encode_payload
+
+        c = self.config
+        self._encode = encode_payload
+        self._zctx = zmq.asyncio.Context.instance()
+        sock = self._zctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, c["hwm"])
+        sock.setsockopt(zmq.LINGER, 1000)
+        (sock.bind if c["bind"] else sock.connect)(c["endpoint"])
+        self._sock = sock
+        self._topic = c["topic"].encode()
+        self._seq = 0
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=c["buffer_steps"])
+        self._replay_task: asyncio.Task[None] | None = None
+        if "replay_endpoint" in c:
+            router = self._zctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            router.bind(c["replay_endpoint"])
+            self._router = router
+            self._replay_task = asyncio.create_task(self._serve_replay())
+
+    async def write(self, batch: list[Any]) -> None:
+        groups: dict[int, list[Any]] = {}
+        for e in batch:
+            groups.setdefault(e.dp_rank, []).append(e)
+        now = time.time()
+        for rank, events in groups.items():
+            payload = self._encode(events, now, rank, self.config["encoding"])
+            seq = self._seq
+            self._seq += 1
+            self._buffer.append((seq, payload))
+            await self._sock.send_multipart([self._topic, seq.to_bytes(8, "big"), payload])
+
+    async def _serve_replay(self) -> None:
+        from ..codecs.vllm import SEQ_END
+
+        router = self._router
+        while True:
+            frames = await router.recv_multipart()
+            if len(frames) != 3 or len(frames[2]) != 8:
+                self.metrics.add("bad_replay_requests")
+                continue
+            ident, start = frames[0], int.from_bytes(frames[2], "big")
+            for seq, payload in list(self._buffer):
+                if seq >= start:
+                    await router.send_multipart([ident, b"", self._topic, seq.to_bytes(8, "big"),
+                                                 payload])
+            await router.send_multipart([ident, b"", b"", SEQ_END.to_bytes(8, "big"), b""])
+            self.metrics.add("replays_served")
+
+    async def stop(self) -> None:
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+            await asyncio.gather(self._replay_task, return_exceptions=True)
+            self._router.close()
+        if getattr(self, "_sock", None) is not None:
+            self._sock.close()

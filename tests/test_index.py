@@ -1,0 +1,334 @@
+"""The prefix index: one test per rule of the router's semantics, its HTTP and Python APIs, and
+property tests that dedup and batch leave the index state as the spec says."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import urllib.error
+import urllib.request
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvgraph.codecs.dynamo import tokens_hash
+from kvgraph.event import Event
+from kvgraph.prefix_index import IndexError_, PrefixIndex
+from kvgraph.testing import FEEDS, capture, run_text, wait_for
+
+W0, W1 = (1, 0), (2, 0)
+
+
+def chain(idx: PrefixIndex, w, parent, hashes, keys=None) -> None:
+    idx.store(w, parent, hashes, keys or [h + 1000 for h in hashes])
+
+
+# -- semantics, one rule each ------------------------------------------------------------------
+
+def test_stored_with_unknown_parent_is_rejected_whole() -> None:
+    idx = PrefixIndex()
+    with pytest.raises(IndexError_, match="parent 99 is unknown"):
+        chain(idx, W0, 99, [1, 2])
+    assert idx.blocks == 0 and idx.nodes == 0
+
+
+def test_parent_must_be_known_for_the_same_worker_and_rank() -> None:
+    idx = PrefixIndex()
+    chain(idx, W0, None, [1])
+    with pytest.raises(IndexError_):
+        chain(idx, W1, 1, [2])
+    with pytest.raises(IndexError_):
+        chain(idx, (1, 1), 1, [2])  # same worker, other DP rank
+    chain(idx, W0, 1, [2])
+    assert idx.held(W0) == {1: 1001, 2: 1002}
+
+
+def test_repeated_hash_inside_one_event_is_invalid() -> None:
+    idx = PrefixIndex()
+    with pytest.raises(IndexError_, match="repeated"):
+        chain(idx, W0, None, [1, 2, 1])
+    assert idx.blocks == 0
+
+
+def test_removed_does_not_cascade() -> None:
+    idx = PrefixIndex()
+    chain(idx, W0, None, [1, 2, 3])
+    assert idx.remove(W0, [1]) == 0
+    assert idx.held(W0) == {2: 1002, 3: 1003}
+    # The worker still matches nothing: scores count *leading* blocks.
+    assert idx.query_hashes([1001, 1002, 1003]) == []
+    assert idx.nodes == 3  # the emptied node stays: it has children
+
+
+def test_unknown_removes_are_skipped_and_reported() -> None:
+    idx = PrefixIndex()
+    chain(idx, W0, None, [1])
+    assert idx.remove(W0, [1, 7, 8]) == 2
+    assert idx.remove((9, 0), [1]) == 1
+    assert idx.blocks == 0 and idx.nodes == 0  # pruned
+
+
+def test_cleared_is_per_worker_and_rank() -> None:
+    idx = PrefixIndex()
+    chain(idx, W0, None, [1, 2])
+    chain(idx, (1, 1), None, [1, 2])
+    chain(idx, W1, None, [1])
+    assert idx.clear(W0) == 2
+    assert idx.held(W0) == {} and len(idx.held((1, 1))) == 2 and len(idx.held(W1)) == 1
+
+
+def test_query_scores_leading_blocks_per_worker() -> None:
+    idx = PrefixIndex()
+    chain(idx, W0, None, [1, 2, 3])
+    chain(idx, W1, None, [1, 2])
+    chain(idx, (3, 0), None, [5])
+    scores = idx.query_hashes([1001, 1002, 1003, 1004])
+    assert [(s.worker_id, s.matched_blocks) for s in scores] == [(1, 3), (2, 2)]
+
+
+def test_dump_rebuilds_the_same_state() -> None:
+    rng = random.Random(3)
+    idx = PrefixIndex()
+    for w in (W0, W1, (3, 1)):
+        parent = None
+        for i in range(30):
+            h = rng.randrange(1 << 64)
+            chain(idx, w, parent, [h], [h % 97])
+            parent = h
+        idx.remove(w, [h for h in list(idx.held(w))[::4]])
+    rebuilt = PrefixIndex()
+    for w, kind, data in idx.dump():
+        if kind == "stored":
+            rebuilt.store(w, data["parent_hash"], data["block_hashes"], data["tokens_hashes"])
+        else:
+            rebuilt.remove(w, data["block_hashes"])
+    for w in (W0, W1, (3, 1)):
+        assert rebuilt.held(w) == idx.held(w)
+    assert rebuilt.nodes == idx.nodes
+
+
+# -- the index sink: HTTP and Python APIs --------------------------------------------------------
+
+INDEX_GRAPH = """
+[graph]
+name = "index"
+[nodes.src]
+type = "feed"
+feed = "{feed}"
+[nodes.idx]
+type = "index"
+port = 0
+block_size = 4
+max_body_bytes = 4096
+[nodes.dead]
+type = "capture"
+[[edges]]
+from = "src"
+to = "idx"
+[[edges]]
+from = "idx.errors"
+to = "dead"
+"""
+
+
+def stored(w, tokens, hashes, parent=None, dp_rank=0, **kw) -> Event:
+    return Event(kind="stored", worker_id=w, dp_rank=dp_rank, block_hashes=hashes,
+                 parent_hash=parent, token_ids=tokens, block_size=4, **kw)
+
+
+def http(port: int, method: str, path: str, body: bytes | None = None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_index_sink_answers_queries_over_http_and_python() -> None:
+    FEEDS["idx"] = [[
+        stored(1, list(range(12)), [10, 11, 12]),
+        stored(2, list(range(8)), [10, 11]),
+        stored(3, list(range(4)), [10], lora_name="a"),
+        stored(4, list(range(4)), [10], parent=999),           # unknown parent: rejected
+        Event(kind="removed", worker_id=1, dp_rank=0, block_hashes=[77]),  # unknown: counted
+    ]]
+
+    async def go():
+        async with run_text(INDEX_GRAPH.format(feed="idx")) as rt:
+            node = rt.nodes["idx"]
+            await wait_for(lambda: rt.contexts["idx"].metrics.events_in == 5)
+            port = node.port
+            q = json.dumps({"token_ids": list(range(16))}).encode()
+            results = {
+                "query": await asyncio.to_thread(http, port, "POST", "/query", q),
+                "lora": await asyncio.to_thread(http, port, "POST", "/query", json.dumps(
+                    {"token_ids": list(range(4)), "lora_name": "a"}).encode()),
+                "by_hash": await asyncio.to_thread(http, port, "POST", "/query_by_hash",
+                                                   json.dumps({"block_hashes": tokens_hash(
+                                                       list(range(8)), 4)}).encode()),
+                "workers": await asyncio.to_thread(http, port, "GET", "/workers"),
+                "dump": await asyncio.to_thread(http, port, "GET", "/dump"),
+                "bad_json": await asyncio.to_thread(http, port, "POST", "/query", b"{nope"),
+                "wrong_type": await asyncio.to_thread(http, port, "POST", "/query",
+                                                      b'{"token_ids": ["a"]}'),
+                "not_object": await asyncio.to_thread(http, port, "POST", "/query", b"[1]"),
+                "huge": await asyncio.to_thread(http, port, "POST", "/query", b"x" * 10000),
+                "missing": await asyncio.to_thread(http, port, "GET", "/nope"),
+                "method": await asyncio.to_thread(http, port, "GET", "/query"),
+            }
+            py = node.query(list(range(16)))
+        return results, py, rt
+
+    r, py, rt = asyncio.run(go())
+    status, body = r["query"]
+    data = json.loads(body)
+    assert status == 200 and data == py
+    assert [(s["worker_id"], s["matched_blocks"]) for s in data["scores"]] == [(1, 3), (2, 2)]
+    assert data["query_blocks"] == 4 and data["tree_size"] == 4 and data["blocks"] == 6
+    assert [s["worker_id"] for s in json.loads(r["lora"][1])["scores"]] == [3]
+    assert [(s["worker_id"], s["matched_blocks"])
+            for s in json.loads(r["by_hash"][1])["scores"]] == [(1, 2), (2, 2)]
+    assert json.loads(r["workers"][1]) == [{"worker_id": 1, "dp_rank": 0, "blocks": 3},
+                                           {"worker_id": 2, "dp_rank": 0, "blocks": 2},
+                                           {"worker_id": 3, "dp_rank": 0, "blocks": 1}]
+    dump = [json.loads(line) for line in r["dump"][1].splitlines()]
+    assert {d["worker_id"] for d in dump} == {1, 2, 3}
+    for key, status in (("bad_json", 400), ("wrong_type", 422), ("not_object", 422),
+                        ("huge", 413), ("missing", 404), ("method", 405)):
+        assert r[key][0] == status, key
+        assert "error" in json.loads(r[key][1])
+    m = rt.result().metrics["idx"]
+    assert m["unknown_removes"] == 1 and m["errors"] == 1
+    assert "parent 999 is unknown" in capture("dead")[0].reason
+
+
+# -- properties: dedup and batch in front of the index ---------------------------------------------
+
+@st.composite
+def streams(draw):
+    """Random but engine-like streams: chains stored on known parents, duplicate stores,
+    removes of stored (and unknown) hashes, clears; 3 workers, 2 DP ranks."""
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    n = draw(st.integers(1, 120))
+    held: dict[tuple[int, int], list[int]] = {}
+    events = []
+    for _ in range(n):
+        w = (rng.randrange(3), rng.randrange(2))
+        mine = held.setdefault(w, [])
+        roll = rng.random()
+        if roll < 0.55:
+            parent = rng.choice(mine) if mine and rng.random() < 0.7 else None
+            k = rng.randint(1, 3)
+            hashes = [rng.randrange(1, 40) for _ in range(k)]
+            if len(set(hashes)) < k or parent in hashes:
+                continue
+            events.append(stored(w[0], [rng.randrange(100) for _ in range(4 * k)], hashes,
+                                 parent=parent, dp_rank=w[1]))
+            mine.extend(hashes)
+        elif roll < 0.9:
+            pool = mine + [rng.randrange(40, 50)]
+            events.append(Event(kind="removed", worker_id=w[0], dp_rank=w[1],
+                                block_hashes=[rng.choice(pool)]))
+        else:
+            events.append(Event(kind="cleared", worker_id=w[0], dp_rank=w[1]))
+            mine.clear()
+    cut = sorted(rng.sample(range(len(events) + 1), min(4, len(events) + 1)))
+    return [events[a:b] for a, b in zip([0, *cut], [*cut, len(events)]) if events[a:b]]
+
+
+def apply(idx: PrefixIndex, events) -> None:
+    for e in events:
+        w = (e.worker_id, e.dp_rank)
+        try:
+            if e.kind == "stored":
+                idx.store(w, e.parent_hash, e.block_hashes, tokens_hash(e.token_ids, 4))
+            elif e.kind == "removed":
+                idx.remove(w, e.block_hashes)
+            else:
+                idx.clear(w)
+        except IndexError_:
+            pass
+
+
+def state(idx: PrefixIndex):
+    return {w: idx.held(w) for w in [(a, b) for a in range(3) for b in range(2)]}
+
+
+def through(transforms: str, batches) -> list[Event]:
+    """Run the batches through `feed -> transforms... -> capture` in a real runtime."""
+    FEEDS["prop"] = batches
+    nodes = ['[nodes.src]\ntype = "feed"\nfeed = "prop"\n', '[nodes.out]\ntype = "capture"\n']
+    chain_ids = ["src"]
+    for i, t in enumerate(transforms.split()):
+        nodes.append(f'[nodes.t{i}]\ntype = "{t}"\n' + ("max_delay_ms = 0\n" if t == "batch"
+                                                        else ""))
+        chain_ids.append(f"t{i}")
+    chain_ids.append("out")
+    edges = "".join(f'[[edges]]\nfrom = "{a}"\nto = "{b}"\n'
+                    for a, b in zip(chain_ids, chain_ids[1:]))
+
+    async def go():
+        async with run_text('[graph]\nname = "p"\n' + "".join(nodes) + edges):
+            pass
+
+    asyncio.run(go())
+    return capture("out")
+
+
+class RefCounted:
+    """The reference model of dedup: per (worker, rank) counts; a remove reaches the index only
+    when the count of that hash reaches zero (or the hash was never stored)."""
+
+    def __init__(self) -> None:
+        self.idx = PrefixIndex()
+        self.counts: dict[tuple[int, int], dict[int, int]] = {}
+
+    def feed(self, events) -> None:
+        for e in events:
+            w = (e.worker_id, e.dp_rank)
+            counts = self.counts.setdefault(w, {})
+            if e.kind == "stored":
+                for h in e.block_hashes:
+                    counts[h] = counts.get(h, 0) + 1
+                apply(self.idx, [e])
+            elif e.kind == "removed":
+                passing = []
+                for h in e.block_hashes:
+                    c = counts.get(h, 0)
+                    if c <= 1:
+                        counts.pop(h, None)
+                        passing.append(h)
+                    else:
+                        counts[h] = c - 1
+                self.idx.remove(w, passing)
+            else:
+                counts.clear()
+                self.idx.clear(w)
+
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(streams())
+def test_batch_leaves_the_index_state_unchanged(batches) -> None:
+    direct = PrefixIndex()
+    apply(direct, [e for b in batches for e in b])
+    merged = through("batch", batches)
+    via = PrefixIndex()
+    apply(via, merged)
+    assert state(via) == state(direct)
+    assert len(merged) <= sum(map(len, batches))
+
+
+@SETTINGS
+@given(streams())
+def test_dedup_then_batch_equals_the_reference_counted_model(batches) -> None:
+    model = RefCounted()
+    model.feed([e for b in batches for e in b])
+    via = PrefixIndex()
+    apply(via, through("dedup batch", batches))
+    assert state(via) == state(model.idx)
