@@ -87,6 +87,13 @@ class NodeContext:
         self.metrics = NodeMetrics(node.id, node.type.name, node.kind.value)
         self.log = RateLimitedLog(node.id)
         self.inbox: Inbox | None = None
+        self.runtime_node: Any = None
+
+    def ingest_idle(self) -> bool:
+        """True when the node has no replay in flight (nodes without one are always idle)."""
+        node = self.runtime_node
+        ingest = getattr(node, "_ingest", None)
+        return ingest is None or not ingest.streams.replays
 
     def path(self, value: str) -> Path:
         """A path option, relative to the graph file's directory."""
@@ -201,7 +208,7 @@ class Runtime:
             if node.kind is not Kind.SOURCE:
                 ctx.inbox = Inbox(inputs[nid])
             self.contexts[nid] = ctx
-            self.nodes[nid] = node.type(ctx)
+            self.nodes[nid] = ctx.runtime_node = node.type(ctx)
 
     def _start_order(self) -> list[str]:
         rank = {Kind.SINK: 0, Kind.TRANSFORM: 1, Kind.SOURCE: 2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,64 @@ class ZmqPublisher:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class TestEngine(ZmqPublisher):
+    """A vLLM-like publisher with its replay server: a ROUTER that answers ``[b"", start]``
+    with every buffered batch from ``start`` and the end marker, in the reply shape of vLLM
+    >= 0.26 (``reply_topic``) or <= 0.25. ``publish(..., drop=True)`` buffers a batch but does
+    not send it live: the loss a PUB socket causes past its high-water mark."""
+
+    __test__ = False
+
+    def __init__(self, endpoint: str, replay_endpoint: str, topic: bytes = b"kv@pod-a@m",
+                 reply_topic: bool = True, keep: int = 10_000):
+        import collections
+
+        super().__init__(endpoint)
+        self.topic, self.reply_topic, self.seq = topic, reply_topic, 0
+        self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=keep)
+        self.lock = threading.Lock()
+        self.router = self.ctx.socket(self.zmq.ROUTER)
+        self.router.setsockopt(self.zmq.LINGER, 0)
+        self.router.bind(replay_endpoint)
+        self.requests: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def publish(self, payload: bytes, drop: bool = False) -> int:
+        seq = self.seq
+        self.seq += 1
+        with self.lock:
+            self.buffer.append((seq, payload))
+        if not drop:
+            self.send([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    def restart(self) -> None:
+        """A new engine process: seq from 0, empty replay buffer."""
+        with self.lock:
+            self.seq = 0
+            self.buffer.clear()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.router.poll(50):
+                continue
+            ident, _, start = self.router.recv_multipart()
+            start = int.from_bytes(start, "big")
+            self.requests.append(start)
+            with self.lock:
+                items = [(s, p) for s, p in self.buffer if s >= start]
+            head = [ident, b""] + ([self.topic] if self.reply_topic else [])
+            for s, p in items:
+                self.router.send_multipart(head + [s.to_bytes(8, "big"), p])
+            end = [ident, b""] + ([b""] if self.reply_topic else [])
+            self.router.send_multipart(end + [b"\xff" * 8, b""])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.router.close()
+        super().close()

@@ -347,7 +347,7 @@ def test_malformed_zmq_messages_are_counted_and_skipped(tmp_path: Path) -> None:
     assert m["malformed"] == 5 and m["errors"] == 5 and m["events_out"] == 2
 
 
-def test_seq_gaps_and_restarts_are_detected(tmp_path: Path) -> None:
+def test_seq_gaps_without_replay_are_reported_and_restarts_emit_cleared(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/engine.sock"
 
     async def go():
@@ -356,12 +356,16 @@ def test_seq_gaps_and_restarts_are_detected(tmp_path: Path) -> None:
             await asyncio.to_thread(pub.wait_subscribed)
             for seq in (0, 1, 4, 5, 0, 1):  # 2 and 3 lost; then the engine restarts
                 pub.send(good(seq, [seq + 100]))
-            await wait_for(lambda: len(capture("out")) == 6)
+            await wait_for(lambda: len(capture("out")) == 7 and len(capture("dead")) == 1)
         pub.close()
         return rt.result().metrics["engine"]
 
     m = asyncio.run(go())
-    assert (m["seq_gaps"], m["seq_missing"], m["seq_resets"]) == (1, 2, 1)
+    assert (m["seq_gaps"], m["seq_missing"], m["seq_lost"], m["seq_resets"]) == (1, 2, 2, 1)
+    kinds = [(e.kind, e.block_hashes) for e in capture("out")]
+    assert kinds == [("stored", [100]), ("stored", [101]), ("stored", [104]), ("stored", [105]),
+                     ("cleared", []), ("stored", [100]), ("stored", [101])]
+    assert "lost 2 batch(es), seq 2..3" in capture("dead")[0].reason
 
 
 # -- the api source ------------------------------------------------------------------------------

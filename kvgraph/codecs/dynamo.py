@@ -203,7 +203,7 @@ def decode_router_json(body: bytes) -> Event:
     """One legacy RouterEvent JSON message -> Event."""
     try:
         return _from_router(_router_json.decode(body))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ConversionError(f"not a RouterEvent: {exc}") from None
 
 
@@ -247,6 +247,6 @@ def decode_envelope(body: bytes) -> tuple[int, int, list[Event]]:
     try:
         env = _envelope_dec.decode(body)
         routers = _router_list_dec.decode(env.payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ConversionError(f"not a Dynamo event-plane message: {exc}") from None
     return env.publisher_id, env.sequence, [_from_router(r) for r in routers]

@@ -35,7 +35,7 @@ def decode_line(line: bytes | str) -> Event:
     """One line -> Event; JsonlError says what is wrong."""
     try:
         e = _decoder.decode(line)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise JsonlError(f"not a kvgraph event: {exc}") from None
     if e.kind not in KINDS:
         raise JsonlError(f"unknown kind {e.kind!r}; expected one of {', '.join(KINDS)}")

@@ -118,7 +118,7 @@ def _decode_batch(payload: bytes) -> Any:
     for i, dec in enumerate(_typed):
         try:
             batch = dec.decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             continue
         if i:
             _typed.reverse()
@@ -126,7 +126,7 @@ def _decode_batch(payload: bytes) -> Any:
     # Mixed encodings, or malformed: decode event by event for a precise reason.
     try:
         raw = _dec_raw.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(f"payload: {exc}") from None
     events = []
     for i, r in enumerate(raw.events):
@@ -134,7 +134,7 @@ def _decode_batch(payload: bytes) -> Any:
         is_map = 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
         try:
             events.append((_dec_event_m if is_map else _dec_event_a).decode(r))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise DecodeError(f"payload: event {i}: {exc}") from None
     raw.events = events
     return raw

@@ -1,12 +1,8 @@
 """Turning engine messages (``[topic, seq, payload]``) into events, for every source that reads
 them (``zmq`` live, ``file`` from a recording): decoding, worker ids, and sequence tracking.
 
-Sequence numbers count batches per publisher from 0. Per (topic, dp_rank) this tracks the last
-seq and counts:
-
-* ``seq_gaps`` / ``seq_missing``: seq jumped past last + 1 (messages lost: ZMQ drops silently
-  past its high-water mark, and a gap is the only trace);
-* ``seq_resets``: seq went backwards, i.e. the engine restarted with an empty cache.
+Sequence numbers count batches per publisher from 0; gaps, repairs by replay and restarts are
+handled per (topic, DP rank) by :mod:`kvgraph.sources._seq`.
 
 Malformed messages (wrong frame count, a short seq, bad msgpack, an unknown tag, a wrong field
 type) become :class:`~kvgraph.event.Rejected` records with the reason and the raw bytes; the
@@ -22,6 +18,7 @@ import xxhash
 from ..codecs.vllm import DecodeError, decode_payload, split_frames
 from ..event import Event, Rejected
 from ..metrics import NodeMetrics
+from ._seq import SeqStreams
 
 _MAX_RAW = 4096  # bytes of a malformed message kept in its error record
 
@@ -35,22 +32,24 @@ def worker_id_from_topic(topic: bytes) -> int:
 
 
 class FrameIngest:
-    """Decode engine messages for one node; keeps per-publisher seq state and metrics."""
+    """Decode engine messages for one node: worker ids, block-size checks, and the per-stream
+    sequence tracking of :class:`~kvgraph.sources._seq.SeqStreams` (gaps, repairs, restarts)."""
 
     def __init__(self, node_id: str, metrics: NodeMetrics, worker_id: int = 0,
-                 worker_id_from: str = "config", block_size: int = 0, log: Optional[Any] = None):
+                 worker_id_from: str = "config", block_size: int = 0, log: Optional[Any] = None,
+                 request: Any = None, cooldown_s: float = 1.0, timeout_s: float = 2.0,
+                 default_topic: bytes = b""):
         self.node_id = node_id
-        self.log = log
         self.metrics = metrics
         self.worker_id = worker_id
         self.from_topic = worker_id_from == "topic"
         self.block_size = block_size
-        self.last_seq: dict[tuple[bytes, int | None], int] = {}
         self._topic_ids: dict[bytes, int] = {}
-        for name in ("seq_gaps", "seq_missing", "seq_resets", "malformed"):
-            metrics.extra.setdefault(name, 0)
+        metrics.extra.setdefault("malformed", 0)
+        self.streams = SeqStreams(node_id, metrics, log or _NoLog(), self.worker_of, request,
+                                  cooldown_s, timeout_s, default_topic)
 
-    def _worker(self, topic: bytes) -> int:
+    def worker_of(self, topic: bytes) -> int:
         if not self.from_topic:
             return self.worker_id
         wid = self._topic_ids.get(topic)
@@ -60,10 +59,10 @@ class FrameIngest:
 
     def ingest(self, frames: list[bytes], events: list[Event], rejected: list[Rejected],
                now: float) -> None:
-        """Decode one message, appending its events or its error record."""
+        """Decode one message; its events (in seq order, repaired) or error records follow."""
         try:
             topic, seq, payload = split_frames(frames)
-            worker = self._worker(topic)
+            worker = self.worker_of(topic)
             _, dp_rank, evs = decode_payload(payload, worker, seq)
         except DecodeError as exc:
             self.metrics.extra["malformed"] += 1
@@ -72,7 +71,6 @@ class FrameIngest:
             rejected.append(Rejected(node=self.node_id, reason=f"malformed message: {exc}",
                                      raw=raw, ts=now))
             return
-        self.track(topic, dp_rank, seq)
         if self.block_size:
             bad = [e for e in evs if e.block_size is not None and e.block_size != self.block_size]
             if bad:
@@ -82,28 +80,9 @@ class FrameIngest:
                         reason=f"block_size {e.block_size} differs from the configured "
                                f"{self.block_size}"))
                 evs = [e for e in evs if e.block_size is None or e.block_size == self.block_size]
-        events.extend(evs)
+        self.streams.on_live(topic, seq, dp_rank, evs, events, rejected, now)
 
-    def track(self, topic: bytes, dp_rank: int | None, seq: int) -> str:
-        """Record ``seq``; returns "ok", "first", "gap" or "reset"."""
-        key = (topic, dp_rank)
-        last = self.last_seq.get(key)
-        self.last_seq[key] = seq
-        if last is None:
-            return "first"
-        if seq == last + 1:
-            return "ok"
-        extra = self.metrics.extra
-        name = topic.decode(errors="replace") or "(no topic)"
-        if seq > last + 1:
-            extra["seq_gaps"] += 1
-            extra["seq_missing"] += seq - last - 1
-            if self.log:
-                self.log.problem("gap", "seq gap on %s rank %s: %d -> %d, %d batch(es) lost",
-                                 name, dp_rank, last, seq, seq - last - 1)
-            return "gap"
-        extra["seq_resets"] += 1
-        if self.log:
-            self.log.problem("reset", "seq went back on %s rank %s (%d -> %d): the engine "
-                             "restarted", name, dp_rank, last, seq)
-        return "reset"
+
+class _NoLog:
+    def problem(self, *args: Any) -> None:
+        pass

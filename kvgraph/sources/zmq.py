@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Mapping
 
-from ..node import Bind, CheckContext, Source, Problem, boolean, integer, string
+from ..node import Bind, CheckContext, Source, Problem, boolean, integer, number, string
 from ..proto.zmq import parse_endpoint, rank_endpoints
 from ..registry import register
 
@@ -28,7 +28,14 @@ class ZmqSource(Source):
                         False),
         "replay_endpoint": string("The engine's ROUTER replay endpoint (vLLM "
                                   "`replay_endpoint`), used to repair sequence gaps."),
-        "replay_on_connect": boolean("Fetch the engine's buffered history at start.", False),
+        "replay_on_connect": boolean("Fetch the engine's buffered history at start. Engines "
+                                     "older than vLLM 0.26 reply without the topic: set `topic` "
+                                     "to the engine's topic then.", False),
+        "replay_timeout_s": number("How long a replay may take before its gap counts as lost.",
+                                   2.0, exclusive_minimum=0),
+        "replay_cooldown_s": number("Least time between two replays of one stream, so that a "
+                                    "broken replay endpoint cannot cause a storm.", 1.0,
+                                    minimum=0),
         "worker_id": integer("Worker id stamped on every event (Dynamo's worker / lease id).", 0,
                              minimum=0, maximum=2**63 - 1),
         "worker_id_from": string("Where worker_id comes from: `config` (the option above) or "
@@ -87,9 +94,10 @@ class ZmqSource(Source):
 
         c = self.config
         self._zmq = zmq
+        ctx = zmq.Context.instance()
         # A plain socket for non-blocking receives, and an asyncio shadow of it to await
         # readability only when it is empty.
-        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, c["hwm"])
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, c["topic"].encode())
@@ -97,41 +105,77 @@ class ZmqSource(Source):
         for ep in endpoints:
             (sock.bind if c["bind"] else sock.connect)(ep)
         self._sock = sock
-        self._waiter = zmq.asyncio.Socket.from_socket(sock)
+        self._poller = zmq.asyncio.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._dealers: dict[int, Any] = {}
+        if "replay_endpoint" in c:
+            for rank, ep in enumerate(rank_endpoints(c["replay_endpoint"], c["dp_ranks"],
+                                                     c["dp_rank_port_offset"])):
+                dealer = ctx.socket(zmq.DEALER)
+                dealer.setsockopt(zmq.LINGER, 0)
+                dealer.connect(ep)
+                self._dealers[rank] = dealer
+                self._poller.register(dealer, zmq.POLLIN)
         self._ingest = FrameIngest(self.id, self.metrics, c["worker_id"], c["worker_id_from"],
-                                   c["block_size"], self.log)
+                                   c["block_size"], self.log,
+                                   self._request if self._dealers else None,
+                                   c["replay_cooldown_s"], c["replay_timeout_s"],
+                                   c["topic"].encode())
         self.log.info("%s %s", "bound" if c["bind"] else "connected to", ", ".join(endpoints))
 
+    def _request(self, rank: int, start: int) -> bool:
+        """Ask rank's replay endpoint for every buffered batch from ``start`` on."""
+        dealer = self._dealers.get(rank)
+        if dealer is None:
+            return False
+        try:
+            dealer.send_multipart([b"", start.to_bytes(8, "big")], self._zmq.NOBLOCK)
+        except self._zmq.Again:
+            return False
+        self.log.info("requesting replay from seq %d (rank %d)", start, rank)
+        return True
+
     async def run(self) -> None:
-        """Drain the socket without awaiting each message; await only when it is empty."""
-        zmq, sock, waiter = self._zmq, self._sock, self._waiter
+        """Drain the sockets without awaiting each message; await only when all are empty."""
+        zmq, sock = self._zmq, self._sock
         recv = sock.recv_multipart
         noblock = zmq.NOBLOCK
         again = zmq.Again
-        ingest = self._ingest.ingest
+        ingest = self._ingest
+        streams = ingest.streams
         limit = self.config["max_batch_events"]
         stopping = self.ctx.stopping
         emit, reject = self.ctx.emit, self.ctx.reject
-
+        if self.config["replay_on_connect"]:
+            streams.replay_on_connect(sorted(self._dealers), time.time())
         while not stopping.is_set():
             events: list[Any] = []
             rejected: list[Any] = []
             now = time.time()
+            for rank, dealer in self._dealers.items():
+                while True:
+                    try:
+                        frames = dealer.recv_multipart(noblock)
+                    except again:
+                        break
+                    streams.on_reply(rank, frames, events, rejected, now)
+            if streams.replays:
+                streams.tick(events, rejected, now)
             while len(events) < limit:
                 try:
                     frames = recv(noblock)
                 except again:
                     break
-                ingest(frames, events, rejected, now)
+                ingest.ingest(frames, events, rejected, now)
             if events:
                 self.metrics.events_in += len(events)
                 await emit(events)
             if rejected:
                 await reject(rejected)
             if not events and not rejected:
-                await waiter.poll(100, zmq.POLLIN)
+                await self._poller.poll(100)
 
     async def stop(self) -> None:
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            sock.close(0)
+        for s in [getattr(self, "_sock", None), *getattr(self, "_dealers", {}).values()]:
+            if s is not None:
+                s.close(0)

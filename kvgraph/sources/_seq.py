@@ -1,0 +1,199 @@
+"""Sequence tracking and gap repair for engine streams (the ``zmq`` source).
+
+Engines number their batches per publisher (per topic and DP rank) from 0. PUB sockets drop
+silently, so a jump in ``seq`` is the only trace of loss, and a ``seq`` going back means the
+engine restarted with an empty cache. Per stream this module:
+
+* applies batches in seq order;
+* on a gap, when a replay endpoint is configured and not cooling down, asks the engine for the
+  missing batches (``[b"", start_seq]`` on a DEALER), buffers the live batches that arrive
+  meanwhile, applies the replies, then merges the buffer in seq order, applying nothing twice
+  (an old store applied after a newer remove would resurrect a block);
+* when the history is gone (the engine's buffer no longer reaches back) or the replay times out,
+  emits a loss record on ``errors``, counts ``seq_lost`` and logs it: loss is never silent;
+* on a restart, emits a ``cleared`` event for that (worker, DP rank) before the new batches;
+* optionally fetches the buffered history at start (``replay_on_connect``).
+
+Counters: ``seq_gaps``, ``seq_missing`` (batches missing when gaps were seen), ``replays``,
+``replayed_batches``, ``seq_lost`` (batches finally lost), ``seq_resets``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..codecs.vllm import SEQ_END, DecodeError, decode_payload, parse_seq
+from ..event import CLEARED, Event, Rejected
+
+Key = tuple[bytes, int]  # (topic, dp_rank)
+
+
+@dataclass
+class _Stream:
+    last: int | None = None                      # last seq applied
+    repairing: bool = False
+    # batches held while repairing, live and replayed alike: seq -> events
+    pending: dict[int, list[Event]] = field(default_factory=dict)
+    cooldown_until: float = 0.0
+
+
+@dataclass
+class _Replay:
+    key: Key | None = None          # the stream being repaired (None: replay on connect)
+    deadline: float = 0.0
+
+
+class SeqStreams:
+    def __init__(self, node_id: str, metrics: Any, log: Any, worker_of: Callable[[bytes], int],
+                 request: Callable[[int, int], bool] | None = None, cooldown_s: float = 1.0,
+                 timeout_s: float = 2.0, default_topic: bytes = b""):
+        self.node_id, self.metrics, self.log = node_id, metrics, log
+        self.worker_of = worker_of
+        self.request = request          # request(rank, start_seq) -> False if no endpoint
+        self.cooldown_s, self.timeout_s = cooldown_s, timeout_s
+        self.default_topic = default_topic
+        self.streams: dict[Key, _Stream] = {}
+        self.replays: dict[int, _Replay] = {}   # rank -> the replay in flight on its DEALER
+        for name in ("seq_gaps", "seq_missing", "seq_resets", "seq_lost", "replays",
+                     "replayed_batches"):
+            metrics.extra.setdefault(name, 0)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _lost(self, key: Key, first: int, last: int, why: str, rejected: list[Rejected],
+              now: float) -> None:
+        n = last - first + 1
+        if n <= 0:
+            return
+        self.metrics.extra["seq_lost"] += n
+        topic = key[0].decode(errors="replace") or "(no topic)"
+        reason = (f"lost {n} batch(es), seq {first}..{last} of {topic} rank {key[1]}: {why}")
+        self.log.problem("lost", "%s", reason)
+        rejected.append(Rejected(node=self.node_id, reason=reason, ts=now))
+
+    def _cleared(self, key: Key, out: list[Event], now: float) -> None:
+        out.append(Event(kind=CLEARED, worker_id=self.worker_of(key[0]), dp_rank=key[1], ts=now))
+
+    # -- live messages ------------------------------------------------------------------------
+
+    def on_live(self, topic: bytes, seq: int, dp_rank: int | None, events: list[Event],
+                out: list[Event], rejected: list[Rejected], now: float) -> None:
+        rank = dp_rank or 0
+        key = (topic, rank)
+        st = self.streams.get(key)
+        if st is None:
+            st = self.streams[key] = _Stream()
+            rp = self.replays.get(rank)
+            if rp is not None and rp.key is None:  # a replay on connect is filling this rank
+                st.repairing = True
+        if st.repairing:
+            st.pending.setdefault(seq, events)
+            return
+        last = st.last
+        if last is None or seq == last + 1:
+            st.last = seq
+            out.extend(events)
+            return
+        if seq <= last:
+            self.metrics.extra["seq_resets"] += 1
+            self.log.problem("reset", "seq went back on %s rank %d (%d -> %d): the engine "
+                             "restarted; its cache is empty", topic.decode(errors="replace"),
+                             rank, last, seq)
+            self._cleared(key, out, now)
+            st.last = None
+            if seq == 0:
+                st.last = 0
+                out.extend(events)
+                return
+            last = -1  # batches 0..seq-1 of the new engine are missing
+        self.metrics.extra["seq_gaps"] += 1
+        self.metrics.extra["seq_missing"] += seq - last - 1
+        if self._start_repair(key, st, last + 1, now):
+            st.pending[seq] = events
+            return
+        self._lost(key, last + 1, seq - 1, "no replay" if self.request is None
+                   else "replay cooling down", rejected, now)
+        st.last = seq
+        out.extend(events)
+
+    def _start_repair(self, key: Key, st: _Stream, start: int, now: float) -> bool:
+        rank = key[1]
+        if self.request is None or now < st.cooldown_until or rank in self.replays:
+            return False
+        if not self.request(rank, start):
+            return False
+        self.metrics.extra["replays"] += 1
+        self.replays[rank] = _Replay(key, now + self.timeout_s)
+        st.repairing = True
+        st.last = start - 1
+        return True
+
+    def replay_on_connect(self, ranks: list[int], now: float) -> None:
+        for rank in ranks:
+            if self.request is not None and self.request(rank, 0):
+                self.metrics.extra["replays"] += 1
+                self.replays[rank] = _Replay(None, now + self.timeout_s)
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def on_reply(self, rank: int, frames: list[bytes], out: list[Event],
+                 rejected: list[Rejected], now: float) -> None:
+        rp = self.replays.get(rank)
+        if rp is None:
+            return  # a late reply of a replay that timed out
+        try:
+            if len(frames) == 4:    # vLLM >= 0.26: ["", topic, seq, payload]
+                topic, seq_b, payload = frames[1], frames[2], frames[3]
+            elif len(frames) == 3:  # up to 0.25: ["", seq, payload]
+                topic, seq_b, payload = None, frames[1], frames[2]
+            else:
+                raise DecodeError(f"replay reply has {len(frames)} frames")
+            seq = parse_seq(seq_b)
+        except DecodeError as exc:
+            rejected.append(Rejected(node=self.node_id, reason=f"malformed replay reply: {exc}",
+                                     ts=now))
+            return
+        if seq == SEQ_END:
+            self._finish(rank, rp, out, rejected, now, None)
+            return
+        if topic is None or rp.key is not None and topic == b"":
+            topic = rp.key[0] if rp.key is not None else self.default_topic
+        key = (topic, rank)
+        if rp.key is not None and key != rp.key:
+            return
+        st = self.streams.setdefault(key, _Stream(repairing=True))
+        self.metrics.extra["replayed_batches"] += 1
+        try:
+            _, _, events = decode_payload(payload, self.worker_of(topic), seq)
+        except DecodeError as exc:
+            rejected.append(Rejected(node=self.node_id, reason=f"malformed replayed batch "
+                                     f"{seq}: {exc}", raw=payload[:4096], ts=now))
+            events = []  # counted as handled: its seq is not a gap
+        st.pending.setdefault(seq, events)
+
+    def tick(self, out: list[Event], rejected: list[Rejected], now: float) -> None:
+        """Give up on replays past their deadline."""
+        for rank, rp in list(self.replays.items()):
+            if now >= rp.deadline:
+                self._finish(rank, rp, out, rejected, now, "the replay timed out")
+
+    def _finish(self, rank: int, rp: _Replay, out: list[Event], rejected: list[Rejected],
+                now: float, failure: str | None) -> None:
+        """End of a replay: apply what it returned and what arrived live meanwhile, in seq
+        order, each batch once; whatever is still missing is lost, and said so."""
+        del self.replays[rank]
+        keys = [rp.key] if rp.key is not None else [k for k in self.streams if k[1] == rank]
+        for key in keys:
+            st = self.streams[key]
+            st.repairing = False
+            st.cooldown_until = now + self.cooldown_s
+            for seq in sorted(st.pending):
+                if st.last is not None and seq <= st.last:
+                    continue
+                if st.last is not None and seq > st.last + 1:
+                    self._lost(key, st.last + 1, seq - 1, failure or "older than the engine's "
+                               "replay buffer", rejected, now)
+                st.last = seq
+                out.extend(st.pending[seq])
+            st.pending.clear()
