@@ -216,6 +216,12 @@ class Sink(NodeType):
     async def flush(self) -> None:
         """Return once everything written is delivered; raise NodeFailure if it cannot be."""
 
+    def can_confirm(self) -> bool:
+        """False while a flush could only wait (a broken connection): the runtime then keeps
+        handing batches to :meth:`write`, which holds them up to its own bound, and confirms
+        later. At the end of the input the runtime flushes regardless."""
+        return True
+
 
 # -- option helpers ---------------------------------------------------------------------------
 

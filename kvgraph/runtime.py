@@ -382,15 +382,24 @@ class Runtime:
         assert inbox is not None
         m = ctx.metrics
         pending = 0  # written, not yet confirmed by a flush
+        loop = asyncio.get_running_loop()
+        last_flush = loop.time()
         try:
             while True:
                 batch = inbox.get_nowait()
                 if batch is None:
-                    if pending:  # idle: confirm what was written
+                    if pending and node.can_confirm():  # idle: confirm what was written
                         await node.flush()
                         m.events_out += pending
                         pending = 0
-                    batch = await inbox.get()
+                        last_flush = loop.time()
+                    if pending:  # cannot confirm now (an outage): look again soon
+                        try:
+                            batch = await asyncio.wait_for(inbox.get(), 0.25)
+                        except asyncio.TimeoutError:
+                            continue
+                    else:
+                        batch = await inbox.get()
                     if batch is None:
                         break
                 n = len(batch)
@@ -408,6 +417,11 @@ class Runtime:
                         return
                     continue
                 pending += n - (m.errors + m.discarded_intentional - before)
+                if (pending >= 8192 or loop.time() - last_flush > 0.25) and node.can_confirm():
+                    await node.flush()
+                    m.events_out += pending
+                    pending = 0
+                    last_flush = loop.time()
             if pending:
                 await node.flush()
                 m.events_out += pending

@@ -293,3 +293,112 @@ def test_fuzz_the_nats_decoders(junk: bytes, seed: int) -> None:
                 decode(body)
             except errors:
                 pass
+
+
+# -- the bus side: a NATS outage ---------------------------------------------------------------------
+
+OUTAGE = """
+[graph]
+name = "outage"
+[nodes.engine]
+type = "api"
+block_size = 1
+[nodes.bus]
+type = "nats"
+url = "{url}"
+subject = "outage.events"
+format = "jsonl"
+events_per_message = 1
+max_pending_events = {bound}
+reconnect_wait_s = 0.05
+[[edges]]
+from = "engine"
+to = "bus"
+capacity = 4
+capacity_events = 4
+when_full = "{when_full}"
+"""
+
+
+def run_outage(bound: int, when_full: str, before: int, during: int, after: int):
+    """Publish `before` events, kill nats-server, publish `during`, restart it on the same
+    port, publish `after`. The test's JetStream stream records what reached the server."""
+    import nats
+
+    from kvgraph.testing import NatsServer
+
+    server = NatsServer().start()
+
+    async def go():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name="OUTAGE", subjects=["outage.events"])
+        await nc.close()
+        n = 0
+        async with run_text(OUTAGE.format(url=server.url, bound=bound,
+                                          when_full=when_full)) as rt:
+            pub = rt.publisher("engine")
+            bus = rt.contexts["bus"].metrics
+
+            edge = rt.channels[0]
+
+            async def publish(k: int, paced: bool) -> None:
+                nonlocal n
+                for _ in range(k):
+                    pub.publish_stored([n], 1, [n + 1])
+                    n += 1
+                    if paced:  # while the server is up, one at a time: no drops
+                        await wait_for(lambda: not pub._pending and not len(edge))
+                    else:
+                        await asyncio.sleep(0)
+
+            await publish(before, True)
+            await wait_for(lambda: bus.events_out == before)
+            await asyncio.to_thread(server.stop)
+            await wait_for(lambda: not rt.nodes["bus"]._up.is_set())
+            await publish(during, False)
+            await wait_for(lambda: not rt.nodes["engine"].publisher._pending)
+            await asyncio.to_thread(server.start, server.port)
+            await wait_for(lambda: rt.nodes["bus"]._up.is_set())
+            await publish(after, True)
+            total_in = before + during + after
+            await wait_for(lambda: bus.events_out + edge.dropped_events == total_in, timeout=30)
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe("outage.events", "check")
+        seen: set[int] = set()
+        copies = 0
+        while True:
+            try:
+                msgs = await sub.fetch(500, timeout=1)
+            except Exception:
+                break
+            for msg in msgs:
+                seen.add(json.loads(msg.data)["block_hashes"][0])
+                copies += 1
+                await msg.ack()
+        await nc.close()
+        return n, seen, copies, rt
+
+    try:
+        return asyncio.run(go())
+    finally:
+        server.close()
+
+
+def test_nats_outage_within_the_bound_loses_nothing() -> None:
+    n, seen, copies, rt = run_outage(bound=1000, when_full="block", before=50, during=200,
+                                     after=50)
+    assert seen == set(range(1, n + 1))  # every event arrived, in spite of the outage
+    m = rt.result().metrics
+    assert m["bus"]["disconnects"] >= 1 and m["bus"]["reconnects"] >= 1
+    assert rt.result().lost_events == 0 and rt.channels[0].dropped_events == 0
+
+
+def test_nats_outage_past_the_bound_counts_the_loss_exactly() -> None:
+    n, seen, copies, rt = run_outage(bound=20, when_full="drop_newest", before=10, during=300,
+                                     after=10)
+    dropped = rt.channels[0].dropped_events
+    assert dropped > 0
+    assert len(seen) == n - dropped  # what did not arrive is exactly what was counted
+    assert rt.result().metrics["engine"]["discarded_unintentional"] == dropped

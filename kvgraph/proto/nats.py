@@ -77,7 +77,9 @@ def check_connection(options: Mapping[str, Any]) -> Iterable[Problem]:
 
 
 async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
-                  closing: Callable[[], bool] = lambda: False) -> Any:
+                  closing: Callable[[], bool] = lambda: False,
+                  on_up: Callable[[], None] = lambda: None,
+                  on_down: Callable[[], None] = lambda: None) -> Any:
     """Connect with the node's options; reconnects with backoff are nats-py's, counted here.
     ``closing()`` tells the callbacks that a disconnect is the node's own close."""
     import ssl
@@ -116,12 +118,14 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
         metrics.extra.setdefault(name, 0)
 
     async def disconnected() -> None:
+        on_down()
         if closing():
             return
         metrics.extra["disconnects"] += 1
         log.warning("disconnected from NATS; reconnecting")
 
     async def reconnected() -> None:
+        on_up()
         metrics.extra["reconnects"] += 1
         log.info("reconnected to NATS")
 
@@ -140,14 +144,14 @@ def redact_url(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
 
 
-async def connect_node(node: Any) -> Any:
+async def connect_node(node: Any, **callbacks: Any) -> Any:
     """Connect a nats node (source or sink); a failure is a NodeFailure naming the servers."""
     from ..errors import NodeFailure
 
     c = node.config
     node._closing = False
     try:
-        return await connect(c, node.log, node.metrics, lambda: node._closing)
+        return await connect(c, node.log, node.metrics, lambda: node._closing, **callbacks)
     except Exception as exc:
         urls = c["url"] if isinstance(c["url"], list) else [c["url"]]
         raise NodeFailure(f"cannot connect to {', '.join(map(redact_url, urls))}: "

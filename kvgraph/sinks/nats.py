@@ -8,6 +8,7 @@ RouterEvents), ``dynamo-json`` (one RouterEvent JSON per message, the legacy sha
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any, Iterable, Mapping
@@ -44,10 +45,11 @@ class NatsSink(Sink):
                                  minimum=0),
         "ack_timeout_s": number("How long to wait for a JetStream publish ack before retrying.",
                                 5.0, exclusive_minimum=0),
-        "max_pending_events": integer("Events held while the server is unreachable; past it "
-                                      "the edge's when_full applies.", 1_000_000, minimum=1),
-        "max_pending_bytes": integer("Bytes held while the server is unreachable.",
-                                     256 * 1024 * 1024, minimum=1024),
+        "max_pending_events": integer("Events written but not yet confirmed by the server (held "
+                                      "through an outage); past it the sink waits and the "
+                                      "input edge's when_full applies.", 100_000, minimum=1),
+        "max_pending_bytes": integer("The same bound in bytes.", 64 * 1024 * 1024,
+                                     minimum=1024),
         "storage_tier": boolean("Write storage_tier, residency_domain and dp_rank (Dynamo "
                                 "1.6.1 fields); false writes the minimal legacy RouterEvent.",
                                 True),
@@ -72,25 +74,62 @@ class NatsSink(Sink):
             yield Problem("stream", "jetstream = true needs the stream name")
 
     # -- runtime ------------------------------------------------------------------------------
+    #
+    # Delivery: every message is kept in ``_unconfirmed`` until a flush (core NATS: PING/PONG)
+    # or its JetStream ack proves the server has it. If the connection drops, nothing written
+    # since the last confirmation counts as delivered: after the reconnect it is sent again, in
+    # order (at-least-once; Dynamo's router drops a repeated event_id, and in JetStream mode the
+    # message id makes the stream drop the copy). While the server is away, messages are held up
+    # to max_pending_events / max_pending_bytes; past that bound ``write`` waits for the server,
+    # so the input edge fills and its ``when_full`` decides: block (backpressure to the source)
+    # or drop, counted on the edge.
 
     async def start(self) -> None:
         from ..codecs import dynamo, jsonl
         from ..proto.nats import connect_node
 
         c = self.config
-        if c["jetstream"]:
-            raise NodeFailure("JetStream publishing is not available yet; set jetstream = false")
         self._dynamo, self._jsonl = dynamo, jsonl
-        self.nc = await connect_node(self)
+        self._up = asyncio.Event()
+        self.nc = await connect_node(self, on_up=self._up.set, on_down=self._up.clear)
+        self._up.set()
         self._subject = c["subject"]
         self._templated = "{" in self._subject
         self._ids = dynamo.EventIds()
         self._envelope = dynamo.EnvelopeWriter()
         self._per_message = min(c["events_per_message"], dynamo.MAX_EVENTS_PER_ENVELOPE) \
             if c["format"] == "dynamo-msgpack" else c["events_per_message"]
-        self._write = {"dynamo-json": self._write_dynamo_json,
-                       "dynamo-msgpack": self._write_dynamo_msgpack,
-                       "jsonl": self._write_jsonl}[c["format"]]
+        self._encode = {"dynamo-json": self._encode_dynamo_json,
+                        "dynamo-msgpack": self._encode_dynamo_msgpack,
+                        "jsonl": self._encode_jsonl}[c["format"]]
+        # (subject, payload, events, msg id) written but not yet confirmed
+        self._unconfirmed: list[tuple[str, bytes, int, str]] = []
+        self._held_events = self._held_bytes = 0
+        self._sent = 0  # how many of _unconfirmed went out on the current connection
+        self._msg_seq = 0
+        for name in ("resent_messages", "held_events"):
+            self.metrics.extra.setdefault(name, 0)
+        self.js = None
+        if c["jetstream"]:
+            self.js = self.nc.jetstream(timeout=c["ack_timeout_s"])
+            await self._ensure_stream()
+
+    async def _ensure_stream(self) -> None:
+        from nats.js.errors import NotFoundError
+
+        c = self.config
+        try:
+            await self.js.stream_info(c["stream"])
+        except NotFoundError:
+            if not c["create_stream"]:
+                raise NodeFailure(f"JetStream stream {c['stream']!r} does not exist; create it "
+                                  "or set create_stream = true") from None
+            subject = c["subject"].replace("{worker_id}", "*").replace("{dp_rank}", "*")
+            kwargs: dict[str, Any] = {"name": c["stream"], "subjects": [subject]}
+            if c["dedup_window_s"]:
+                kwargs["duplicate_window"] = c["dedup_window_s"]
+            await self.js.add_stream(**kwargs)
+            self.log.info("created JetStream stream %s for %s", c["stream"], subject)
 
     def _subject_of(self, e: Any) -> str:
         if not self._templated:
@@ -106,14 +145,16 @@ class NatsSink(Sink):
             groups.setdefault(self._subject_of(e), []).append(e)
         return groups
 
-    async def write(self, batch: list[Any]) -> None:
-        await self._write(batch)
+    # -- encoding -----------------------------------------------------------------------------
 
-    async def _write_jsonl(self, batch: list[Any]) -> None:
-        publish, n = self.nc.publish, self._per_message
+    def _encode_jsonl(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]], list[Any]]:
+        n = self._per_message
+        out = []
         for subject, items in self._by_subject(batch).items():
             for i in range(0, len(items), n):
-                await publish(subject, self._jsonl.encode_lines(items[i:i + n]))
+                chunk = items[i:i + n]
+                out.append((subject, self._jsonl.encode_lines(chunk), len(chunk)))
+        return out, []
 
     def _router_events(self, batch: list[Any]) -> tuple[list[tuple[Event, dict[str, Any]]],
                                                         list[Any]]:
@@ -136,31 +177,148 @@ class NatsSink(Sink):
                                               full)))
         return ok, bad
 
-    async def _write_dynamo_json(self, batch: list[Any]) -> None:
+    def _encode_dynamo_json(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
+                                                             list[Any]]:
         ok, bad = self._router_events(batch)
-        publish, enc = self.nc.publish, self._dynamo.encode_json
-        for e, r in ok:
-            await publish(self._subject_of(e), enc(r))
-        await self.ctx.reject(bad)
+        enc = self._dynamo.encode_json
+        return [(self._subject_of(e), enc(r), 1) for e, r in ok], bad
 
-    async def _write_dynamo_msgpack(self, batch: list[Any]) -> None:
+    def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
+                                                                list[Any]]:
         ok, bad = self._router_events(batch)
-        publish, n = self.nc.publish, self._per_message
+        n = self._per_message
         now_ms = int(time.time() * 1000)
         groups: dict[str, list[dict[str, Any]]] = {}
         for e, r in ok:
             groups.setdefault(self._subject_of(e), []).append(r)
+        out = []
         for subject, routers in groups.items():
             for i in range(0, len(routers), n):
-                await publish(subject, self._envelope.encode(routers[i:i + n], now_ms))
+                chunk = routers[i:i + n]
+                out.append((subject, self._envelope.encode(chunk, now_ms), len(chunk)))
+        return out, bad
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    def _over_bound(self) -> bool:
+        c = self.config
+        return (self._held_events >= c["max_pending_events"]
+                or self._held_bytes >= c["max_pending_bytes"])
+
+    async def write(self, batch: list[Any]) -> None:
+        messages, bad = self._encode(batch)
         await self.ctx.reject(bad)
+        for subject, payload, n in messages:
+            while self._over_bound():
+                if self._up.is_set() and self.js is None:
+                    await self._confirm()       # make room by confirming what was sent
+                else:
+                    await self._wait_up()       # the server is away: hold, then backpressure
+            msg_id = f"{self._envelope.publisher_id:x}-{self._msg_seq}"
+            self._msg_seq += 1
+            self._unconfirmed.append((subject, payload, n, msg_id))
+            self._held_events += n
+            self._held_bytes += len(payload)
+            if self._up.is_set():
+                await self._send_pending()
+        self.metrics.extra["held_events"] = self._held_events
+
+    async def _send_pending(self) -> None:
+        """Send what this connection has not sent yet, in order."""
+        try:
+            if self.js is not None:
+                await self._send_jetstream()
+                return
+            publish = self.nc.publish
+            pending = self._unconfirmed
+            while self._sent < len(pending):
+                subject, payload, _, _ = pending[self._sent]
+                await publish(subject, payload)
+                self._sent += 1
+        except Exception as exc:  # the connection dropped while sending: resend later
+            if self.nc.is_closed:
+                raise NodeFailure(f"NATS connection closed: {exc}") from exc
+            self._up.clear()
+
+    async def _send_jetstream(self) -> None:
+        """Publish with acks; a message leaves ``_unconfirmed`` only once the stream has it."""
+        js, pending = self.js, self._unconfirmed
+        attempt = 0
+        while pending:
+            chunk = pending[:256]
+            results = await asyncio.gather(
+                *(js.publish(s, p, headers={"Nats-Msg-Id": mid}) for s, p, _, mid in chunk),
+                return_exceptions=True)
+            done = 0
+            for r in results:
+                if isinstance(r, BaseException):
+                    break
+                done += 1
+            for _, p, n, _ in chunk[:done]:
+                self._held_events -= n
+                self._held_bytes -= len(p)
+            del pending[:done]
+            if done < len(chunk):
+                attempt += 1
+                self.metrics.add("publish_retries")
+                self.log.problem("js-retry", "JetStream publish not acknowledged (%s); retrying",
+                                 results[done])
+                if self.nc.is_closed:
+                    raise NodeFailure("NATS connection closed with unacknowledged messages")
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
+        self._sent = 0
+
+    async def _wait_up(self) -> None:
+        if self.nc.is_closed:
+            raise NodeFailure("NATS connection closed for good (max_reconnect_attempts)")
+        while not self._up.is_set():
+            try:
+                await asyncio.wait_for(self._up.wait(), 1.0)
+            except asyncio.TimeoutError:
+                if self.nc.is_closed:
+                    raise NodeFailure("NATS connection closed for good") from None
+        # Reconnected: everything unconfirmed may be lost with the old connection; send again.
+        if self._unconfirmed:
+            self.metrics.extra["resent_messages"] += self._sent
+            self._sent = 0
+            await self._send_pending()
+
+    async def _confirm(self) -> None:
+        """Make sure the server has every message sent so far (a PING/PONG round trip)."""
+        while True:
+            if not self._up.is_set():
+                await self._wait_up()
+                continue
+            if self.js is not None:
+                await self._send_jetstream()
+                return
+            await self._send_pending()
+            if not self._up.is_set():
+                continue
+            try:
+                await self.nc.flush(timeout=self.config["ack_timeout_s"])
+            except Exception as exc:
+                if self.nc.is_closed:
+                    raise NodeFailure(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
+                self._up.clear()  # the reconnect callback sets it again
+                continue
+            if not self._up.is_set():
+                continue  # dropped during the flush: resend after the reconnect
+            for _, p, n, _ in self._unconfirmed[:self._sent]:
+                self._held_events -= n
+                self._held_bytes -= len(p)
+            del self._unconfirmed[:self._sent]
+            self._sent = 0
+            if not self._unconfirmed:
+                return
+
+    def can_confirm(self) -> bool:
+        return self._up.is_set()
 
     async def flush(self) -> None:
-        """Core NATS has no acks: a flush (PING/PONG) proves the server has everything."""
-        try:
-            await self.nc.flush(timeout=self.config["connect_timeout_s"] * 5)
-        except Exception as exc:
-            raise NodeFailure(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
+        """Return once the server has everything written (waits through an outage)."""
+        await self._confirm()
+        self.metrics.extra["held_events"] = self._held_events
 
     async def stop(self) -> None:
         nc = getattr(self, "nc", None)
