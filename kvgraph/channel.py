@@ -42,7 +42,7 @@ class ChannelStats:
 
 
 class Channel:
-    __slots__ = ("name", "capacity", "capacity_events", "when_full", "_q", "_inbox", "_space", "closed", "peak",
+    __slots__ = ("on_drop_queued", "name", "capacity", "capacity_events", "when_full", "_q", "_inbox", "_space", "closed", "peak",
                  "sent_batches", "sent_events", "dropped_batches", "dropped_events",
                  "queued_events", "src", "dst")
 
@@ -54,6 +54,7 @@ class Channel:
         if when_full not in ("block", "drop_newest", "drop_oldest"):
             raise ValueError(f"unknown when_full {when_full!r}")
         self.name, self.capacity, self.when_full = name, capacity, when_full
+        self.on_drop_queued: Any = None  # called with a queued batch that drop_oldest drops
         self.src, self.dst = src, dst
         self._q: deque[Batch] = deque()
         self._inbox: Inbox | None = None
@@ -117,6 +118,8 @@ class Channel:
         self.dropped_events += len(batch)
         if queued:
             self.queued_events -= len(batch)
+            if self.on_drop_queued is not None:
+                self.on_drop_queued(batch)
 
     def get_nowait(self) -> Batch | None:
         if not self._q:

@@ -151,6 +151,12 @@ class NodeType:
         """False for a type that is declared (validates, draws) but cannot run yet."""
         return True
 
+    @classmethod
+    def at_least_once(cls, options: Mapping[str, Any]) -> bool:
+        """True for a source that acks its input only after every sink confirmed it (then
+        ``validate`` warns about sinks downstream that cannot confirm)."""
+        return False
+
     # -- runtime ------------------------------------------------------------------------------
 
     def __init__(self, ctx: "NodeContext") -> None:
@@ -205,6 +211,8 @@ class Sink(NodeType):
     written so far was delivered. A sink counts as delivered only what a flush confirmed."""
 
     kind = Kind.SINK
+    #: False for a sink whose flush cannot prove delivery (a ZMQ PUB drops silently).
+    confirms_delivery: ClassVar[bool] = True
 
     @classmethod
     def implemented(cls) -> bool:

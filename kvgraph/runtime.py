@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import envvars
+from .acks import Ack, Tracked, acks_of, release_all
 from .channel import Channel, Inbox
 from .errors import ConfigError, NodeFailure, UsageError
 from .event import Event, Rejected
@@ -88,6 +89,8 @@ class NodeContext:
         self.log = RateLimitedLog(node.id)
         self.inbox: Inbox | None = None
         self.runtime_node: Any = None
+        self.current_acks: tuple[Ack, ...] = ()   # of the batch a transform is processing
+        self.held_acks: list[Ack] = []            # inputs a holding transform has not passed on
 
     def ingest_idle(self) -> bool:
         """True when the node has no replay in flight (nodes without one are always idle)."""
@@ -100,21 +103,52 @@ class NodeContext:
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else self.base_dir / p
 
-    async def emit(self, batch: list[Any], port: str = DEFAULT_PORT) -> None:
-        """Send a batch on a port (to every edge from it). Never mutate a batch after this."""
+    async def emit(self, batch: list[Any], port: str = DEFAULT_PORT,
+                   acks: tuple[Ack, ...] | None = None) -> None:
+        """Send a batch on a port (to every edge from it). Never mutate a batch after this.
+
+        ``acks`` (sources with end-to-end acknowledgement) travel with the batch; a
+        transform's emits inherit the acks of the batch it is processing."""
         if not batch:
             return
+        passed_on: tuple[Ack, ...] = ()  # a holding transform's inputs, now in this output
+        if acks is None:
+            acks = self.current_acks
+            if self.held_acks and not self.holding():
+                passed_on = tuple(self.held_acks)
+                self.held_acks.clear()
+                acks = acks + passed_on
+        try:
+            await self._emit(batch, port, acks)
+        finally:
+            release_all(passed_on)
+
+    async def _emit(self, batch: list[Any], port: str, acks: tuple[Ack, ...]) -> None:
+        if acks:
+            batch = Tracked(batch, acks)
         if port == DEFAULT_PORT:
             self.metrics.events_out += len(batch)
         chans = self.outlets.get(port)
         if not chans:
             if port == DEFAULT_PORT:
                 self.metrics.discarded_unintentional += len(batch)
+                for a in acks:
+                    a.fail()
             return
         for ch in chans:
             dropped = await ch.send(batch)
             if dropped:
                 self.metrics.discarded_unintentional += dropped
+            if acks and not (dropped and ch.when_full == "drop_newest"):
+                for a in acks:
+                    a.hold()
+            elif acks:
+                for a in acks:
+                    a.fail()
+
+    def holding(self) -> bool:
+        node = self.runtime_node
+        return bool(getattr(node, "holding", lambda: False)())
 
     async def reject(self, items: list[Rejected]) -> None:
         """Count, log (rate-limited) and forward to the ``errors`` port what could not be
@@ -200,6 +234,7 @@ class Runtime:
         inputs: dict[str, list[Channel]] = {nid: [] for nid in self.graph.nodes}
         for e in self.graph.edges:
             ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst, e.capacity_events)
+            ch.on_drop_queued = lambda b: release_all(acks_of(b), failed=True)
             self.channels.append(ch)
             outlets[e.src].setdefault(e.src_port, []).append(ch)
             inputs[e.dst].append(ch)
@@ -334,6 +369,7 @@ class Runtime:
         while (batch := await inbox.get()) is not None:
             self.lost_events += len(batch)
             self.contexts[nid].metrics.discarded_unintentional += len(batch)
+            release_all(acks_of(batch), failed=True)
 
     async def _run_source(self, node: Source) -> None:
         ctx = node.ctx
@@ -359,6 +395,7 @@ class Runtime:
             while (batch := await inbox.get()) is not None:
                 m.events_in += len(batch)
                 m.batches_in += 1
+                acks = ctx.current_acks = acks_of(batch)
                 try:
                     await node.process(batch)
                 except asyncio.CancelledError:
@@ -366,9 +403,18 @@ class Runtime:
                     raise
                 except Exception as exc:
                     if not await self._handle_batch_error(node.id, batch, exc):
+                        release_all(acks, failed=True)
                         await self._drain_dead(node.id)
                         return
+                finally:
+                    ctx.current_acks = ()
+                if acks and ctx.holding():  # some of its events wait inside the node
+                    ctx.held_acks.extend(acks)
+                else:
+                    release_all(acks)
             await node.finish()
+            release_all(ctx.held_acks)
+            ctx.held_acks.clear()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # finish() failed
@@ -382,6 +428,7 @@ class Runtime:
         assert inbox is not None
         m = ctx.metrics
         pending = 0  # written, not yet confirmed by a flush
+        unconfirmed: list[Ack] = []
         loop = asyncio.get_running_loop()
         last_flush = loop.time()
         try:
@@ -392,6 +439,8 @@ class Runtime:
                         await node.flush()
                         m.events_out += pending
                         pending = 0
+                        release_all(unconfirmed)
+                        unconfirmed.clear()
                         last_flush = loop.time()
                     if pending:  # cannot confirm now (an outage): look again soon
                         try:
@@ -413,18 +462,24 @@ class Runtime:
                 except Exception as exc:
                     if not await self._handle_batch_error(node.id, batch, exc):
                         self.lost_events += pending
+                        release_all(unconfirmed + list(acks_of(batch)), failed=True)
                         await self._drain_dead(node.id)
                         return
+                    release_all(acks_of(batch))  # rejected to errors: handled, not lost
                     continue
+                unconfirmed.extend(acks_of(batch))
                 pending += n - (m.errors + m.discarded_intentional - before)
                 if (pending >= 8192 or loop.time() - last_flush > 0.25) and node.can_confirm():
                     await node.flush()
                     m.events_out += pending
                     pending = 0
+                    release_all(unconfirmed)
+                    unconfirmed.clear()
                     last_flush = loop.time()
-            if pending:
+            if pending or unconfirmed:
                 await node.flush()
                 m.events_out += pending
+                release_all(unconfirmed)
         except asyncio.CancelledError:
             self.lost_events += pending
             raise

@@ -187,6 +187,7 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
             else:
                 binds[b.address] = (node_id, b.field)
 
+    _check_acknowledgement(types, nodes_doc, schema_ok, edges, out)
     if any(d.severity == "error" for d in out.items):
         return None
     graph_table = doc["graph"]
@@ -288,3 +289,26 @@ def _check_env(node_id: str, t: type[NodeType], opts: dict[str, Any], out: _Coll
                             "`kvgraph run` will refuse to start without it", "warning")
                 elif "\n" in environ[name] or "\r" in environ[name]:
                     out.error(path, f"environment variable {name} contains a newline")
+
+
+def _check_acknowledgement(types: dict[str, type[NodeType]], nodes_doc: dict[str, Any],
+                           schema_ok: set[str], edges: list[Edge], out: _Collector) -> None:
+    """A source that acks only after delivery is only as good as the sinks below it."""
+    for node_id in sorted(schema_ok):
+        t = types[node_id]
+        opts = {k: v for k, v in nodes_doc[node_id].items() if k not in COMMON_OPTIONS}
+        if not t.at_least_once(opts):
+            continue
+        seen, todo = {node_id}, [node_id]
+        while todo:
+            current = todo.pop()
+            for e in edges:
+                if e.src == current and e.dst in types and e.dst not in seen:
+                    seen.add(e.dst)
+                    todo.append(e.dst)
+        for sink in sorted(seen):
+            st = types[sink]
+            if st.kind is Kind.SINK and not getattr(st, "confirms_delivery", True):
+                out.add(("nodes", node_id), f"at-least-once does not hold: sink {sink!r} "
+                        f"({st.name}) cannot confirm delivery, so its input is acked unconfirmed",
+                        "route it from a node that does not need acknowledgement", "warning")

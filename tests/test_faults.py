@@ -402,3 +402,120 @@ def test_nats_outage_past_the_bound_counts_the_loss_exactly() -> None:
     assert dropped > 0
     assert len(seen) == n - dropped  # what did not arrive is exactly what was counted
     assert rt.result().metrics["engine"]["discarded_unintentional"] == dropped
+
+
+# -- the process side: SIGKILL with JetStream input ------------------------------------------------
+
+def test_sigkill_with_jetstream_input_loses_nothing_and_dedup_ids_prevent_copies(tmp_path) -> None:
+    """A JetStream stream IN feeds kvgraph, which publishes to a JetStream stream OUT with a
+    duplicate window. kvgraph is SIGKILLed mid-stream and started again: the unacked input is
+    redelivered (at least once), and the content-derived message ids keep OUT free of copies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import nats
+
+    from kvgraph.testing import NatsServer
+
+    from .helpers import ROOT
+
+    server = NatsServer().start()
+    n = 3000
+    graph = tmp_path / "js.toml"
+    graph.write_text(f"""
+[graph]
+name = "js-relay"
+[nodes.input]
+type = "nats"
+url = "{server.url}"
+subject = "in.events"
+format = "jsonl"
+jetstream = true
+stream = "IN"
+durable = "kvgraph"
+ack_wait_s = 2
+[nodes.slow]
+type = "python"
+function = "slowfn:f"
+path = "{tmp_path}"
+[nodes.output]
+type = "nats"
+url = "{server.url}"
+subject = "out.events"
+format = "jsonl"
+events_per_message = 1
+jetstream = true
+stream = "OUT"
+create_stream = true
+dedup_window_s = 120
+[[edges]]
+from = "input"
+to = "slow"
+[[edges]]
+from = "slow"
+to = "output"
+""")
+    (tmp_path / "slowfn.py").write_text(
+        "import asyncio\nasync def f(batch):\n    await asyncio.sleep(0.002 * len(batch))\n"
+        "    return batch\n")
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "kvgraph", "run", str(graph), "--status",
+                                 "off"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "NO_COLOR": "1"})
+
+    async def out_state(nc) -> tuple[int, set[int]]:
+        js = nc.jetstream()
+        info = await js.stream_info("OUT")
+        sub = await js.pull_subscribe("out.events", None, stream="OUT")
+        seen: set[int] = set()
+        while True:
+            try:
+                msgs = await sub.fetch(1000, timeout=0.5)
+            except Exception:
+                break
+            for m in msgs:
+                seen.add(json.loads(m.data)["block_hashes"][0])
+                await m.ack()
+        return info.state.messages, seen
+
+    async def go():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name="IN", subjects=["in.events"])
+        for i in range(n):
+            line = {"kind": "stored", "worker_id": 1, "dp_rank": 0, "block_hashes": [i]}
+            await js.publish("in.events", (json.dumps(line) + "\n").encode())
+        first = start()
+        try:
+            async def out_count() -> int:
+                try:
+                    return (await js.stream_info("OUT")).state.messages
+                except Exception:
+                    return 0
+            while await out_count() < n // 4:  # well into the stream...
+                await asyncio.sleep(0.05)
+            first.send_signal(signal.SIGKILL)  # ...kill it, with messages in flight
+            first.wait(10)
+            second = start()
+            while await out_count() < n:
+                assert second.poll() is None, second.stderr.read()
+                await asyncio.sleep(0.1)
+            second.send_signal(signal.SIGTERM)
+            _, err = second.communicate(timeout=30)
+            assert second.returncode == 0, err
+            return await out_state(nc)
+        finally:
+            for p in (first, locals().get("second")):
+                if p is not None and p.poll() is None:
+                    p.kill()
+            await nc.close()
+
+    try:
+        stored, seen = asyncio.run(go())
+    finally:
+        server.close()
+    assert seen == set(range(n))  # every input event arrived at least once
+    assert stored == n            # and the message ids kept every copy out of the stream

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+
 from typing import Any, Iterable, Mapping
+
+import xxhash
 
 from ..errors import NodeFailure
 from ..event import Event
@@ -214,7 +217,12 @@ class NatsSink(Sink):
                     await self._confirm()       # make room by confirming what was sent
                 else:
                     await self._wait_up()       # the server is away: hold, then backpressure
-            msg_id = f"{self._envelope.publisher_id:x}-{self._msg_seq}"
+            # A message id from the content when it is deterministic (jsonl: the same events give
+            # the same id, across restarts too); else publisher id and sequence.
+            if self.config["format"] == "jsonl":
+                msg_id = xxhash.xxh3_128_hexdigest(payload, len(subject))
+            else:
+                msg_id = f"{self._envelope.publisher_id:x}-{self._msg_seq}"
             self._msg_seq += 1
             self._unconfirmed.append((subject, payload, n, msg_id))
             self._held_events += n

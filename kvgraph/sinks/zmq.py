@@ -22,6 +22,7 @@ from ..registry import register
 class ZmqSink(Sink):
     name = "zmq"
     summary = "Re-publish events on a ZMQ PUB socket in vLLM's wire format."
+    confirms_delivery = False  # a PUB socket cannot know whether anyone received a message
     options = {
         "endpoint": string("PUB endpoint, e.g. tcp://*:5557.", examples=["tcp://*:5557"]),
         "bind": boolean("Bind the PUB socket (the usual) or connect it to a binding SUB.", True),

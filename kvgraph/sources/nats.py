@@ -50,6 +50,10 @@ class NatsSource(Source):
     example = 'url = "nats://127.0.0.1:4222"\nsubject = "kvgraph.events"\nformat = "jsonl"'
 
     @classmethod
+    def at_least_once(cls, options: Mapping[str, Any]) -> bool:
+        return bool(options.get("jetstream"))
+
+    @classmethod
     def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
         yield from check_connection(options)
         if options.get("jetstream") and not options.get("stream"):
@@ -64,13 +68,14 @@ class NatsSource(Source):
         from ..proto.nats import connect_node
 
         c = self.config
-        if c["jetstream"]:
-            raise NodeFailure("JetStream consuming is not available yet; set jetstream = false")
         self._dynamo, self._jsonl = dynamo, jsonl
         self._buf: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self.metrics.extra.setdefault("malformed", 0)
         self.nc = await connect_node(self)
+        if c["jetstream"]:
+            await self._start_jetstream()
+            return
         limit = c["max_buffered"]
 
         async def on_message(msg: Any) -> None:
@@ -85,8 +90,66 @@ class NatsSource(Source):
         self.sub = await self.nc.subscribe(c["subject"], queue=c.get("queue_group", ""),
                                            cb=on_message)
 
+    async def _start_jetstream(self) -> None:
+        """A pull consumer; each message is acked only once every sink downstream confirmed
+        its events (end-to-end), and nak'ed for redelivery when they were dropped."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        c = self.config
+        self.js = self.nc.jetstream()
+        try:
+            await self.js.stream_info(c["stream"])
+        except NotFoundError:
+            if not c["create_stream"]:
+                raise NodeFailure(f"JetStream stream {c['stream']!r} does not exist; create it "
+                                  "or set create_stream = true") from None
+            await self.js.add_stream(name=c["stream"], subjects=[c["subject"]])
+        config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=c["ack_wait_s"],
+                                max_ack_pending=c["max_ack_pending"],
+                                deliver_policy=DeliverPolicy(c["deliver_policy"]))
+        self.psub = await self.js.pull_subscribe(c["subject"], durable=c.get("durable"),
+                                                 stream=c["stream"], config=config)
+        for name in ("acked", "redelivery_requests"):
+            self.metrics.extra.setdefault(name, 0)
+
+    async def _run_jetstream(self) -> None:
+        from ..acks import Ack
+
+        stopping = self.ctx.stopping
+        while not stopping.is_set():
+            try:
+                msgs = await self.psub.fetch(256, timeout=0.25)
+            except asyncio.TimeoutError:
+                continue
+            except Exception as exc:  # e.g. a reconnect in progress; nats-py retries
+                self.log.problem("fetch", "JetStream fetch failed: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+            events: list[Event] = []
+            rejected: list[Rejected] = []
+            for msg in msgs:
+                self._decode(msg.data, events, rejected)
+            ack = Ack(lambda m=msgs: self._settle(m, True), lambda m=msgs: self._settle(m, False))
+            self.metrics.events_in += len(events)
+            await self.ctx.emit(events, acks=(ack,))
+            await self.ctx.reject(rejected)  # malformed: reported, and acked (no retry helps)
+            ack.release()
+
+    def _settle(self, msgs: list[Any], ok: bool) -> None:
+        async def settle() -> None:
+            for m in msgs:
+                try:
+                    await (m.ack() if ok else m.nak(delay=1.0))
+                except Exception as exc:  # the server redelivers after ack_wait anyway
+                    self.log.problem("ack", "could not ack: %s", exc)
+            self.metrics.extra["acked" if ok else "redelivery_requests"] += len(msgs)
+
+        asyncio.ensure_future(settle())
+
     def on_stop(self) -> None:
-        self._wake.set()
+        if hasattr(self, "_wake"):
+            self._wake.set()
 
     def _decode(self, body: bytes, events: list[Event], rejected: list[Rejected]) -> None:
         fmt = self.config["format"]
@@ -104,6 +167,9 @@ class NatsSource(Source):
                                               raw=body[:4096]))
 
     async def run(self) -> None:
+        if self.config["jetstream"]:
+            await self._run_jetstream()
+            return
         buf = self._buf
         while True:
             if not buf:

@@ -80,6 +80,10 @@ class Batch(Transform):
                 changes["tokens_hashes"] = [t for e in run for t in e.tokens_hashes or ()]
         return msgspec.structs.replace(first, **changes)
 
+    def holding(self) -> bool:
+        """Events wait inside this node (acks of their batches wait with them)."""
+        return bool(self._run)
+
     async def process(self, batch: list[Event]) -> None:
         async with self._lock:  # a timer flush never runs between reading and emitting a run
             out: list[Event] = []
