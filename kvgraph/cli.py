@@ -41,6 +41,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .validate import validate_file
 
     results = [validate_file(f) for f in args.files]
+    if args.connect:
+        import asyncio
+
+        from .validate import probe
+
+        for r in results:
+            if r.graph is not None:
+                found = asyncio.run(probe(r.graph))
+                r.diagnostics.extend(found)
+                if found:
+                    r.graph = None
     failed = False
     if args.format == "json":
         payload = []
@@ -201,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=["text", "json"], default="text")
     v.add_argument("--strict", action="store_true", help="treat warnings as errors")
     v.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    v.add_argument("--connect", action="store_true",
+                   help="also check that servers answer, streams exist and ports are free")
     v.set_defaults(func=cmd_validate)
 
     d = sub.add_parser("draw", help="draw a graph (Mermaid by default)")

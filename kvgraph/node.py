@@ -152,6 +152,12 @@ class NodeType:
         return True
 
     @classmethod
+    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
+        """``validate --connect``: check that what this node needs outside is there (servers
+        answer, streams exist, ports are free), without running it. ``config`` is resolved."""
+        return []
+
+    @classmethod
     def at_least_once(cls, options: Mapping[str, Any]) -> bool:
         """True for a source that acks its input only after every sink confirmed it (then
         ``validate`` warns about sinks downstream that cannot confirm)."""

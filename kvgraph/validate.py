@@ -312,3 +312,28 @@ def _check_acknowledgement(types: dict[str, type[NodeType]], nodes_doc: dict[str
                 out.add(("nodes", node_id), f"at-least-once does not hold: sink {sink!r} "
                         f"({st.name}) cannot confirm delivery, so its input is acked unconfirmed",
                         "route it from a node that does not need acknowledgement", "warning")
+
+
+async def probe(graph: Graph, environ: Mapping[str, str] | None = None) -> list[Diagnostic]:
+    """``validate --connect``: ask every node whether what it needs outside is there."""
+    import asyncio
+
+    from .runtime import resolve_config
+
+    environ = os.environ if environ is None else environ
+    locator_lines = {nid: n.line for nid, n in graph.nodes.items()}
+    diags: list[Diagnostic] = []
+
+    async def one(node: Node) -> None:
+        try:
+            config = resolve_config(node, environ)
+        except ConfigError as exc:
+            diags.append(Diagnostic(graph.path, node.line, "error", f"nodes.{node.id}", str(exc)))
+            return
+        for p in await node.type.probe(config):
+            diags.append(Diagnostic(graph.path, locator_lines[node.id], "error",
+                                    f"nodes.{node.id}" + (f".{p.field}" if p.field else ""),
+                                    p.message, 0, p.hint))
+
+    await asyncio.gather(*(one(n) for n in graph.nodes.values()))
+    return sorted(diags, key=sort_key)

@@ -571,6 +571,8 @@ to = "out"
             if "status: src +" in line and "status: src +0 " not in line:
                 break
         proc.send_signal(signal.SIGTERM)
+        while "send it again to abort" not in proc.stderr.readline():  # two signals sent at
+            pass                                                      # once would merge
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:

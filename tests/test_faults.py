@@ -519,3 +519,56 @@ to = "output"
         server.close()
     assert seen == set(range(n))  # every input event arrived at least once
     assert stored == n            # and the message ids kept every copy out of the stream
+
+
+def test_validate_connect_checks_servers_streams_and_ports(tmp_path, cli) -> None:
+    from kvgraph.testing import NatsServer
+
+    server = NatsServer().start()
+    taken = free_port()
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", taken))
+    holder.listen()
+    dead = free_port()
+    graph = tmp_path / "g.toml"
+    graph.write_text(f"""
+[graph]
+name = "probe"
+[nodes.engine]
+type = "zmq"
+endpoint = "tcp://127.0.0.1:{dead}"
+[nodes.bus]
+type = "nats"
+url = "{server.url}"
+subject = "x"
+jetstream = true
+stream = "MISSING"
+[nodes.idx]
+type = "index"
+port = {taken}
+[nodes.pub]
+type = "zmq"
+endpoint = "tcp://127.0.0.1:{taken}"
+[[edges]]
+from = "engine"
+to = "bus"
+[[edges]]
+from = "engine"
+to = "pub"
+[[edges]]
+from = "engine"
+to = "idx"
+""")
+    try:
+        assert cli("validate", str(graph))[0] == 0
+        code, out, _ = cli("validate", "--connect", str(graph))
+    finally:
+        holder.close()
+        server.close()
+    assert code == 1
+    assert f"nodes.engine.endpoint: nothing answers at tcp://127.0.0.1:{dead}" in out
+    assert "nodes.bus.stream: JetStream stream 'MISSING' does not exist" in out
+    assert f"nodes.pub.endpoint: cannot bind tcp://127.0.0.1:{taken}" in out
+    assert f"nodes.idx.port: cannot bind http://127.0.0.1:{taken}" in out

@@ -156,3 +156,43 @@ async def connect_node(node: Any, **callbacks: Any) -> Any:
         urls = c["url"] if isinstance(c["url"], list) else [c["url"]]
         raise NodeFailure(f"cannot connect to {', '.join(map(redact_url, urls))}: "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+async def probe(config: Mapping[str, Any], stream_needed: bool) -> list[Problem]:
+    """Connect once; check the JetStream stream when one is configured."""
+    import nats
+
+    urls = config["url"] if isinstance(config["url"], list) else [config["url"]]
+    try:
+        nc = await connect({**config, "connect_attempts": 1, "connect_timeout_s":
+                            min(config.get("connect_timeout_s", 2.0), 2.0)}, _Quiet(), _Counts())
+    except Exception as exc:
+        return [Problem("url", f"cannot connect to {', '.join(map(redact_url, urls))}: "
+                        f"{type(exc).__name__}: {exc}")]
+    problems = []
+    try:
+        if stream_needed and config.get("jetstream"):
+            from nats.js.errors import NotFoundError
+
+            try:
+                await nc.jetstream().stream_info(config["stream"])
+            except NotFoundError:
+                if not config.get("create_stream"):
+                    problems.append(Problem("stream", f"JetStream stream {config['stream']!r} "
+                                            "does not exist", hint="create it, or set "
+                                            "create_stream = true"))
+            except nats.errors.Error as exc:
+                problems.append(Problem("jetstream", f"JetStream is not available: {exc}"))
+    finally:
+        await nc.close()
+    return problems
+
+
+class _Quiet:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.extra: dict[str, int] = {}

@@ -54,3 +54,38 @@ def rank_endpoints(value: str, ranks: int, step: int) -> list[str]:
         return [value]
     ep = parse_endpoint(value)
     return [ep.with_port_offset(r * step) for r in range(ranks)]
+
+
+def probe_connect(endpoint: str) -> str | None:
+    """None when something listens at ``endpoint`` (tcp: a TCP connect; ipc: the socket file
+    exists), else what is wrong. ZMQ itself would retry silently for ever."""
+    import os
+    import socket
+
+    ep = parse_endpoint(endpoint)
+    if ep.transport == "ipc":
+        return None if os.path.exists(ep.path) else f"nothing listens at {endpoint} (no socket)"
+    if ep.transport != "tcp" or ep.port is None:
+        return None
+    host = ep.host.strip("[]")
+    try:
+        with socket.create_connection((host, ep.port), timeout=2):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {endpoint}: {exc.strerror or exc}"
+
+
+def probe_bind(endpoint: str) -> str | None:
+    """None when ``endpoint`` can be bound now, else why not."""
+    import socket
+
+    ep = parse_endpoint(endpoint)
+    if ep.transport != "tcp" or ep.port is None:
+        return None
+    host = "0.0.0.0" if ep.host in ("*", "") else ep.host.strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, ep.port))
+        return None
+    except OSError as exc:
+        return f"cannot bind {endpoint}: {exc.strerror or exc}"

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 from ..codecs import dynamo
 from ..event import CLEARED, STORED, Event
 from ..http import HttpError, json_response, serve
-from ..node import Bind, Sink, integer, string
+from ..node import Bind, Problem, Sink, integer, string
 from ..prefix_index import IndexError_, PrefixIndex, Score
 from ..registry import register
 
@@ -51,6 +51,15 @@ class IndexSink(Sink):
         port = options.get("port", 8090)
         if port:
             yield Bind("port", f"http://{options.get('host', '127.0.0.1')}:{port}")
+
+    @classmethod
+    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
+        from ..proto.zmq import probe_bind
+
+        if not config["port"]:
+            return []
+        why = probe_bind(f"tcp://{config['host']}:{config['port']}")
+        return [Problem("port", why.replace("tcp://", "http://"))] if why else []
 
     # -- runtime ------------------------------------------------------------------------------
 

@@ -76,6 +76,12 @@ class NatsSink(Sink):
         if options.get("jetstream") and not options.get("stream"):
             yield Problem("stream", "jetstream = true needs the stream name")
 
+    @classmethod
+    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
+        from ..proto.nats import probe
+
+        return await probe(config, stream_needed=True)
+
     # -- runtime ------------------------------------------------------------------------------
     #
     # Delivery: every message is kept in ``_unconfirmed`` until a flush (core NATS: PING/PONG)

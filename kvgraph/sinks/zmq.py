@@ -58,6 +58,19 @@ class ZmqSink(Sink):
         if "replay_endpoint" in options:
             yield Bind("replay_endpoint", options["replay_endpoint"])
 
+    @classmethod
+    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
+        from ..proto.zmq import probe_bind, probe_connect
+
+        problems = []
+        for key in ("endpoint", "replay_endpoint"):
+            if key in config:
+                bind = key == "replay_endpoint" or config.get("bind", True)
+                why = (probe_bind if bind else probe_connect)(config[key])
+                if why:
+                    problems.append(Problem(key, why))
+        return problems
+
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -61,6 +61,12 @@ class NatsSource(Source):
         if "queue_group" in options and options.get("durable"):
             yield Problem("queue_group", "use durable (JetStream) or queue_group (core), not both")
 
+    @classmethod
+    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
+        from ..proto.nats import probe
+
+        return await probe(config, stream_needed=True)
+
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -84,6 +84,25 @@ class ZmqSource(Source):
                                      options.get("dp_rank_port_offset", 1)):
                 yield Bind("endpoint", ep)
 
+    @classmethod
+    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
+        from ..proto.zmq import probe_bind, probe_connect
+
+        problems = []
+        for ep in rank_endpoints(config["endpoint"], config.get("dp_ranks", 1),
+                                 config.get("dp_rank_port_offset", 1)):
+            why = probe_bind(ep) if config.get("bind") else probe_connect(ep)
+            if why:
+                problems.append(Problem("endpoint", why, hint="is the engine running with "
+                                        "KV events enabled?"))
+        if "replay_endpoint" in config:
+            for ep in rank_endpoints(config["replay_endpoint"], config.get("dp_ranks", 1),
+                                     config.get("dp_rank_port_offset", 1)):
+                why = probe_connect(ep)
+                if why:
+                    problems.append(Problem("replay_endpoint", why))
+        return problems
+
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
