@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from pathlib import Path
 
@@ -255,7 +256,11 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CI runs a bounded number of cases; KVGRAPH_FUZZ_EXAMPLES=200000 runs the long campaign.
+FUZZ = int(os.environ.get("KVGRAPH_FUZZ_EXAMPLES", "300"))
+
+
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32), st.lists(st.binary(max_size=64), max_size=5))
 def test_fuzz_the_engine_decoder(seed: int, junk: list[bytes]) -> None:
     """Random and mutated fixture frames: the decoder never raises out of the node, never hangs,
@@ -273,7 +278,7 @@ def test_fuzz_the_engine_decoder(seed: int, junk: list[bytes]) -> None:
         assert all(isinstance(r, Rejected) for r in rejected)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=FUZZ, deadline=None)
 @given(st.binary(max_size=256), st.integers(0, 2**32))
 def test_fuzz_the_nats_decoders(junk: bytes, seed: int) -> None:
     from kvgraph.codecs.dynamo import (ConversionError, EnvelopeWriter, decode_envelope,
