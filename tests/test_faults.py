@@ -184,7 +184,13 @@ def test_replay_on_connect_fetches_the_history(tmp_path) -> None:
             await asyncio.to_thread(engine.wait_subscribed)
             for f in frames[20:]:
                 engine.publish(f[2])
-            await wait_for(lambda: len(capture("out")) == len(want), timeout=20)
+            try:
+                await wait_for(lambda: len(capture("out")) == len(want), timeout=20)
+            except AssertionError:
+                raise AssertionError(f"got {len(capture('out'))} of {len(want)}; "
+                                     f"requests {engine.requests}; "
+                                     f"metrics {rt.contexts['engine'].metrics.snapshot()}; "
+                                     f"dead {[r.reason for r in capture('dead')]}") from None
         engine.close()
         return rt.result().metrics["engine"]
 

@@ -80,7 +80,7 @@ class FrameIngest:
                         reason=f"block_size {e.block_size} differs from the configured "
                                f"{self.block_size}"))
                 evs = [e for e in evs if e.block_size is None or e.block_size == self.block_size]
-        self.streams.on_live(topic, seq, dp_rank, evs, events, rejected, now)
+        self.streams.on_live(topic, seq, dp_rank, evs, events, rejected, now, payload)
 
 
 class _NoLog:

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import xxhash
+
 from ..codecs.vllm import SEQ_END, DecodeError, decode_payload, parse_seq
 from ..event import CLEARED, Event, Rejected
 
@@ -36,6 +38,9 @@ class _Stream:
     # batches held while repairing, live and replayed alike: seq -> events
     pending: dict[int, list[Event]] = field(default_factory=dict)
     cooldown_until: float = 0.0
+    # content hashes of batches applied from a replay: a live copy of one of them arriving
+    # late is a duplicate, not a restart (seq <= last means "restart" only for new content)
+    replayed: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class SeqStreams:
         self.streams: dict[Key, _Stream] = {}
         self.replays: dict[int, _Replay] = {}   # rank -> the replay in flight on its DEALER
         for name in ("seq_gaps", "seq_missing", "seq_resets", "seq_lost", "replays",
-                     "replayed_batches"):
+                     "replayed_batches", "late_duplicates"):
             metrics.extra.setdefault(name, 0)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -78,7 +83,8 @@ class SeqStreams:
     # -- live messages ------------------------------------------------------------------------
 
     def on_live(self, topic: bytes, seq: int, dp_rank: int | None, events: list[Event],
-                out: list[Event], rejected: list[Rejected], now: float) -> None:
+                out: list[Event], rejected: list[Rejected], now: float,
+                payload: bytes = b"") -> None:
         rank = dp_rank or 0
         key = (topic, rank)
         st = self.streams.get(key)
@@ -94,6 +100,9 @@ class SeqStreams:
         if last is None or seq == last + 1:
             st.last = seq
             out.extend(events)
+            return
+        if seq <= last and st.replayed.get(seq) == xxhash.xxh3_64_intdigest(payload):
+            self.metrics.extra["late_duplicates"] += 1  # already applied from the replay
             return
         if seq <= last:
             self.metrics.extra["seq_resets"] += 1
@@ -164,6 +173,10 @@ class SeqStreams:
             return
         st = self.streams.setdefault(key, _Stream(repairing=True))
         self.metrics.extra["replayed_batches"] += 1
+        st.replayed[seq] = xxhash.xxh3_64_intdigest(payload)
+        if len(st.replayed) > 4 * 10_000:  # vLLM buffers 10,000 batches: keep the newest
+            for old in sorted(st.replayed)[: len(st.replayed) - 10_000]:
+                del st.replayed[old]
         try:
             _, _, events = decode_payload(payload, self.worker_of(topic), seq)
         except DecodeError as exc:
