@@ -112,11 +112,14 @@ def block_hashes_for(e: Event, block_size: int) -> list[int]:
     return tokens_hash(e.token_ids, block_size, e.lora_name, namespace_of(e))
 
 
-def router_event(e: Event, event_id: int, block_size: int, full: bool = True) -> dict[str, Any]:
+def router_event(e: Event, event_id: int, block_size: int, full: bool = True,
+                 hashes: list[int] | None = None) -> dict[str, Any]:
     """The RouterEvent of one event. ``full`` adds the 1.6.1 fields (storage_tier,
-    residency_domain, dp_rank); otherwise the minimal legacy shape."""
+    residency_domain, dp_rank); otherwise the minimal legacy shape. ``hashes``: the stored
+    event's tokens_hash per block, when the caller already computed them."""
     if e.kind == STORED:
-        hashes = block_hashes_for(e, block_size)
+        if hashes is None:
+            hashes = block_hashes_for(e, block_size)
         if full:
             blocks = [{"block_hash": b, "tokens_hash": t, "mm_extra_info": None}
                       for b, t in zip(e.block_hashes, hashes)]

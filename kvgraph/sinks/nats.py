@@ -176,14 +176,13 @@ class NatsSink(Sink):
                 bad.append(self.ctx.rejected("not an event (an error record cannot be sent in "
                                              "a Dynamo format; use format = \"jsonl\")"))
                 continue
-            try:
-                if e.kind == "stored":
-                    dynamo.block_hashes_for(e, bs)  # raises before an id is taken
+            try:  # computed (and checked) before an event id is taken
+                hashes = dynamo.block_hashes_for(e, bs) if e.kind == "stored" else None
             except dynamo.ConversionError as exc:
                 bad.append(self.ctx.rejected(str(exc), e))
                 continue
             ok.append((e, dynamo.router_event(e, self._ids.next(e.worker_id, e.dp_rank), bs,
-                                              full)))
+                                              full, hashes)))
         return ok, bad
 
     def _encode_dynamo_json(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
