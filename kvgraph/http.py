@@ -6,9 +6,11 @@ routers' queries, with no dependency. Every malformed request gets a 4xx with a 
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+if TYPE_CHECKING:
+    import asyncio
 
 Response = tuple[int, str, bytes]                     # status, content type, body
 Handler = Callable[[str, str, bytes], Awaitable[Response] | Response]
@@ -33,6 +35,8 @@ def _error(status: int, message: str) -> Response:
 
 
 async def _read_request(reader: asyncio.StreamReader, max_body: int) -> tuple[str, str, bytes]:
+    import asyncio
+
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
@@ -59,6 +63,8 @@ async def _read_request(reader: asyncio.StreamReader, max_body: int) -> tuple[st
 
 async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20) -> Any:
     """Start serving; returns the asyncio Server (``server.sockets[0]`` has the real port)."""
+    import asyncio
+
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

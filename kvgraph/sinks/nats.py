@@ -8,7 +8,6 @@ RouterEvents), ``dynamo-json`` (one RouterEvent JSON per message, the legacy sha
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 
@@ -94,6 +93,7 @@ class NatsSink(Sink):
     # or drop, counted on the edge.
 
     async def start(self) -> None:
+        import asyncio
         from ..codecs import dynamo, jsonl
         from ..proto.nats import connect_node
 
@@ -255,6 +255,7 @@ class NatsSink(Sink):
 
     async def _send_jetstream(self) -> None:
         """Publish with acks; a message leaves ``_unconfirmed`` only once the stream has it."""
+        import asyncio
         js, pending = self.js, self._unconfirmed
         attempt = 0
         while pending:
@@ -282,6 +283,7 @@ class NatsSink(Sink):
         self._sent = 0
 
     async def _wait_up(self) -> None:
+        import asyncio
         if self.nc.is_closed:
             raise NodeFailure("NATS connection closed for good (max_reconnect_attempts)")
         while not self._up.is_set():

@@ -8,7 +8,6 @@ Frames are ``[topic, seq, payload]`` with seq counting from 0, one message per i
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from typing import Any, Iterable, Mapping
@@ -74,6 +73,7 @@ class ZmqSink(Sink):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        import asyncio
         import zmq
         import zmq.asyncio
 
@@ -128,6 +128,7 @@ class ZmqSink(Sink):
             self.metrics.add("replays_served")
 
     async def stop(self) -> None:
+        import asyncio
         if self._replay_task is not None:
             self._replay_task.cancel()
             await asyncio.gather(self._replay_task, return_exceptions=True)

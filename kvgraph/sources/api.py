@@ -7,7 +7,6 @@ an engine's own thread.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import deque
@@ -38,6 +37,7 @@ class ApiSource(Source):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        import asyncio
         self.publisher = Publisher(self, asyncio.get_running_loop())
 
     def on_stop(self) -> None:
@@ -69,6 +69,7 @@ class Publisher:
     """
 
     def __init__(self, node: ApiSource, loop: asyncio.AbstractEventLoop):
+        import asyncio
         c = node.config
         self._node, self._loop = node, loop
         self.worker_id, self.dp_rank = c["worker_id"], c["dp_rank"]
@@ -125,6 +126,7 @@ class Publisher:
     # -- plumbing -----------------------------------------------------------------------------
 
     def _on_loop_thread(self) -> bool:
+        import asyncio
         try:
             return asyncio.get_running_loop() is self._loop
         except RuntimeError:

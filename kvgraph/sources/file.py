@@ -7,7 +7,6 @@ line, exactly what a SUB socket received); ``jsonl`` reads kvgraph's own event l
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 import json
@@ -55,6 +54,7 @@ class FileSource(Source):
 
     async def _replay_once(self, interval: float) -> None:
         """One pass over the file, a batch per line group; paced when ``rate`` is set."""
+        import asyncio
         c = self.config
         vllm = c["format"] == "vllm-frames"
         ingest = FrameIngest(self.id, self.metrics, c["worker_id"], log=self.log) if vllm \

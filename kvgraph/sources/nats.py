@@ -7,7 +7,6 @@ message is acknowledged only after every sink downstream confirmed it.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Any, Iterable, Mapping
 
@@ -70,6 +69,7 @@ class NatsSource(Source):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        import asyncio
         from ..codecs import dynamo, jsonl
         from ..proto.nats import connect_node
 
@@ -120,6 +120,7 @@ class NatsSource(Source):
             self.metrics.extra.setdefault(name, 0)
 
     async def _run_jetstream(self) -> None:
+        import asyncio
         from ..acks import Ack
 
         stopping = self.ctx.stopping
@@ -143,6 +144,7 @@ class NatsSource(Source):
             ack.release()
 
     def _settle(self, msgs: list[Any], ok: bool) -> None:
+        import asyncio
         async def settle() -> None:
             for m in msgs:
                 try:

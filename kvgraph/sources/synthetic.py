@@ -8,7 +8,6 @@ format through a real PUB socket, standing in for engines in front of any consum
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from array import array
@@ -102,6 +101,7 @@ class SyntheticSource(Source):
                     self.log.warning("no subscriber after %.1f s; publishing anyway", wait)
 
     async def run(self) -> None:
+        import asyncio
         c = self.config
         per_batch, max_events = c["events_per_batch"], c["max_events"]
         interval = per_batch / c["rate"] if c["rate"] else 0.0

@@ -7,7 +7,6 @@ A run is flushed on a kind change, a worker, DP rank or tier change, a chain bre
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
@@ -35,6 +34,7 @@ class Batch(Transform):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        import asyncio
         self._run: list[Event] = []        # the events being merged, oldest first
         self._hashes: set[int] = set()     # block hashes in the current run
         self._lock = asyncio.Lock()        # timer flushes and batches keep their order
@@ -106,6 +106,7 @@ class Batch(Transform):
         self._arm()
 
     def _arm(self) -> None:
+        import asyncio
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
