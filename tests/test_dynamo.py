@@ -38,21 +38,21 @@ def stored(**kw) -> Event:
 
 
 def test_router_event_shape_matches_the_spec() -> None:
-    r = router_event(stored(), 1, 4)
+    r = msgspec.to_builtins(router_event(stored(), 1, 4))
     assert r == {"worker_id": 7, "storage_tier": "device", "residency_domain": "worker",
                  "event": {"event_id": 1, "data": {"stored": {
                      "parent_hash": None, "start_position": None,
                      "blocks": [{"block_hash": 111, "tokens_hash": 9143094415614847814,
                                  "mm_extra_info": None}]}}, "dp_rank": 0}}
-    legacy = router_event(stored(), 1, 4, full=False)
+    legacy = msgspec.to_builtins(router_event(stored(), 1, 4, full=False))
     assert legacy == {"worker_id": 7, "event": {"event_id": 1, "data": {"stored": {
         "parent_hash": None, "blocks": [{"block_hash": 111,
                                          "tokens_hash": 9143094415614847814}]}}}}
-    removed = router_event(Event(kind="removed", worker_id=7, dp_rank=2, block_hashes=[2**64 - 1]),
-                           5, 4)
+    removed = msgspec.to_builtins(router_event(
+        Event(kind="removed", worker_id=7, dp_rank=2, block_hashes=[2**64 - 1]), 5, 4))
     assert removed["event"] == {"event_id": 5, "data": {"removed": {"block_hashes": [2**64 - 1]}},
                                 "dp_rank": 2}
-    assert router_event(Event(kind="cleared", worker_id=7, dp_rank=0), 6, 4)["event"]["data"] \
+    assert router_event(Event(kind="cleared", worker_id=7, dp_rank=0), 6, 4).event.data \
         == "cleared"
 
 

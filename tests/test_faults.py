@@ -288,13 +288,13 @@ def test_fuzz_the_engine_decoder(seed: int, junk: list[bytes]) -> None:
 @given(st.binary(max_size=256), st.integers(0, 2**32))
 def test_fuzz_the_nats_decoders(junk: bytes, seed: int) -> None:
     from kvgraph.codecs.dynamo import (ConversionError, EnvelopeWriter, decode_envelope,
-                                       decode_router_json, router_event)
+                                       decode_router_json, encode_json, router_event)
     from kvgraph.codecs.jsonl import JsonlError, decode_line
 
     rng = random.Random(seed)
     e = Event(kind="stored", worker_id=1, dp_rank=0, block_hashes=[1, 2], token_ids=[0] * 32,
               block_size=16)
-    good_json = json.dumps(router_event(e, 1, 16)).encode()
+    good_json = encode_json(router_event(e, 1, 16))
     good_env = EnvelopeWriter(1).encode([router_event(e, 1, 16)], 0)
     for decode, errors, good in ((decode_line, (JsonlError,), msgspec.json.encode(e)),
                                  (decode_router_json, (ConversionError,), good_json),

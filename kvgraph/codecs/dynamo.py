@@ -55,13 +55,15 @@ def tokens_hash(token_ids: list[int], block_size: int, lora_name: str | None = N
     n_blocks = len(token_ids) // block_size
     if not n_blocks:
         return []
-    buf = array("I", token_ids[: n_blocks * block_size])
+    n = n_blocks * block_size
+    buf = array("I", token_ids if len(token_ids) == n else token_ids[:n])
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
         buf.byteswap()
-    mv = memoryview(buf.tobytes())
+    raw = buf.tobytes()  # slicing bytes beats memoryview slices for 64-byte blocks
     step = block_size * 4
     seed = seed_for(lora_name, cache_namespace)
-    return [_xxh3(mv[i:i + step], seed) for i in range(0, n_blocks * step, step)]
+    h = _xxh3
+    return [h(raw[i:i + step], seed) for i in range(0, n * 4, step)]
 
 
 def storage_tier(medium: str | None) -> str:
@@ -112,32 +114,92 @@ def block_hashes_for(e: Event, block_size: int) -> list[int]:
     return tokens_hash(e.token_ids, block_size, e.lora_name, namespace_of(e))
 
 
+class _OutBlock(msgspec.Struct, gc=False):
+    block_hash: int
+    tokens_hash: int
+    mm_extra_info: None = None
+
+
+class _OutBlockLegacy(msgspec.Struct, gc=False):
+    block_hash: int
+    tokens_hash: int
+
+
+class _OutStored(msgspec.Struct, gc=False):
+    parent_hash: int | None
+    start_position: None
+    blocks: list[_OutBlock]
+
+
+class _OutStoredLegacy(msgspec.Struct, gc=False):
+    parent_hash: int | None
+    blocks: list[_OutBlockLegacy]
+
+
+class _OutRemoved(msgspec.Struct, gc=False):
+    block_hashes: list[int]
+
+
+class _StoredData(msgspec.Struct, gc=False):
+    stored: _OutStored | _OutStoredLegacy
+
+
+class _RemovedData(msgspec.Struct, gc=False):
+    removed: _OutRemoved
+
+
+class _OutEvent(msgspec.Struct, gc=False):
+    event_id: int
+    data: _StoredData | _RemovedData | str
+    dp_rank: int
+
+
+class _OutEventLegacy(msgspec.Struct, gc=False):
+    event_id: int
+    data: _StoredData | _RemovedData | str
+
+
+class RouterEvent(msgspec.Struct, gc=False):
+    """Dynamo 1.6.1's RouterEvent; encodes (JSON or msgpack) with its fields in the order
+    Dynamo writes them, so the bytes match the spec's examples."""
+
+    worker_id: int
+    storage_tier: str
+    residency_domain: str
+    event: _OutEvent
+
+
+class RouterEventLegacy(msgspec.Struct, gc=False):
+    worker_id: int
+    event: _OutEventLegacy
+
+
 def router_event(e: Event, event_id: int, block_size: int, full: bool = True,
-                 hashes: list[int] | None = None) -> dict[str, Any]:
+                 hashes: list[int] | None = None) -> RouterEvent | RouterEventLegacy:
     """The RouterEvent of one event. ``full`` adds the 1.6.1 fields (storage_tier,
     residency_domain, dp_rank); otherwise the minimal legacy shape. ``hashes``: the stored
-    event's tokens_hash per block, when the caller already computed them."""
+    event's tokens_hash per block, when the caller already computed them. Structs, not dicts:
+    building and encoding them is several times cheaper on the hot path."""
+    data: Any
     if e.kind == STORED:
         if hashes is None:
             hashes = block_hashes_for(e, block_size)
         if full:
-            blocks = [{"block_hash": b, "tokens_hash": t, "mm_extra_info": None}
-                      for b, t in zip(e.block_hashes, hashes)]
-            data: Any = {"stored": {"parent_hash": e.parent_hash, "start_position": None,
-                                    "blocks": blocks}}
+            data = _StoredData(_OutStored(e.parent_hash, None,
+                                          [_OutBlock(b, t) for b, t in zip(e.block_hashes,
+                                                                           hashes)]))
         else:
-            data = {"stored": {"parent_hash": e.parent_hash,
-                               "blocks": [{"block_hash": b, "tokens_hash": t}
-                                          for b, t in zip(e.block_hashes, hashes)]}}
+            data = _StoredData(_OutStoredLegacy(e.parent_hash,
+                                                [_OutBlockLegacy(b, t)
+                                                 for b, t in zip(e.block_hashes, hashes)]))
     elif e.kind == REMOVED:
-        data = {"removed": {"block_hashes": e.block_hashes}}
+        data = _RemovedData(_OutRemoved(e.block_hashes))
     else:
         data = "cleared"
     if not full:
-        return {"worker_id": e.worker_id, "event": {"event_id": event_id, "data": data}}
-    return {"worker_id": e.worker_id, "storage_tier": storage_tier(e.medium),
-            "residency_domain": "worker",
-            "event": {"event_id": event_id, "data": data, "dp_rank": e.dp_rank}}
+        return RouterEventLegacy(e.worker_id, _OutEventLegacy(event_id, data))
+    return RouterEvent(e.worker_id, storage_tier(e.medium), "worker",
+                       _OutEvent(event_id, data, e.dp_rank))
 
 
 _json = msgspec.json.Encoder()
@@ -237,7 +299,7 @@ class EnvelopeWriter:
         self.publisher_id = secrets.randbits(63) if publisher_id is None else publisher_id
         self.sequence = 0
 
-    def encode(self, router_events: list[dict[str, Any]], now_ms: int) -> bytes:
+    def encode(self, router_events: list[Any], now_ms: int) -> bytes:
         body = {"publisher_id": self.publisher_id, "sequence": self.sequence,
                 "published_at": now_ms, "topic": "kv-events",
                 "payload": _msgpack.encode(router_events)}

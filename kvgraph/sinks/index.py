@@ -116,7 +116,7 @@ class IndexSink(Sink):
     def workers(self) -> list[dict[str, int]]:
         return self.index.workers()
 
-    def dump(self) -> list[dict[str, Any]]:
+    def dump(self) -> list[Any]:
         """RouterEvents (Dynamo 1.6.1 JSON shape) that rebuild this index's state."""
         ids = dynamo.EventIds()
         out = []

@@ -165,8 +165,7 @@ class NatsSink(Sink):
                 out.append((subject, self._jsonl.encode_lines(chunk), len(chunk)))
         return out, []
 
-    def _router_events(self, batch: list[Any]) -> tuple[list[tuple[Event, dict[str, Any]]],
-                                                        list[Any]]:
+    def _router_events(self, batch: list[Any]) -> tuple[list[tuple[Event, Any]], list[Any]]:
         """RouterEvents for the events that convert; error records for the rest. Ids are
         taken only by events that are sent, so they stay contiguous."""
         dynamo, bs, full = self._dynamo, self.config["block_size"], self.config["storage_tier"]
@@ -196,7 +195,7 @@ class NatsSink(Sink):
         ok, bad = self._router_events(batch)
         n = self._per_message
         now_ms = int(time.time() * 1000)
-        groups: dict[str, list[dict[str, Any]]] = {}
+        groups: dict[str, list[Any]] = {}
         for e, r in ok:
             groups.setdefault(self._subject_of(e), []).append(r)
         out = []
