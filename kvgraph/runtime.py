@@ -40,6 +40,9 @@ from .node import DEFAULT_PORT, ERRORS_PORT, Kind, NodeType, Sink, Source, Trans
 
 log = logging.getLogger("kvgraph")
 
+#: How often an idle sink confirms delivery (a flush); more often only under load.
+CONFIRM_INTERVAL_S = 0.05
+
 
 class RateLimitedLog:
     """A node's logger that says the first problem at once, then at most one line per
@@ -435,16 +438,20 @@ class Runtime:
             while True:
                 batch = inbox.get_nowait()
                 if batch is None:
-                    if pending and node.can_confirm():  # idle: confirm what was written
+                    # Idle: confirm what was written, at most every CONFIRM_INTERVAL_S (a
+                    # confirmation is a round trip; delivery itself does not wait for it).
+                    due = last_flush + CONFIRM_INTERVAL_S - loop.time()
+                    if pending and node.can_confirm() and due <= 0:
                         await node.flush()
                         m.events_out += pending
                         pending = 0
                         release_all(unconfirmed)
                         unconfirmed.clear()
                         last_flush = loop.time()
-                    if pending:  # cannot confirm now (an outage): look again soon
+                    if pending:  # confirm soon (or, in an outage, look again soon)
                         try:
-                            batch = await asyncio.wait_for(inbox.get(), 0.25)
+                            batch = await asyncio.wait_for(inbox.get(), max(due, 0.25 if
+                                                           not node.can_confirm() else 0.001))
                         except asyncio.TimeoutError:
                             continue
                     else:

@@ -192,7 +192,7 @@ class ZmqSource(Source):
             if rejected:
                 await reject(rejected)
             if not events and not rejected:
-                await self._poller.poll(100)
+                await self._poller.poll(10)
 
     async def stop(self) -> None:
         for s in [getattr(self, "_sock", None), *getattr(self, "_dealers", {}).values()]:
