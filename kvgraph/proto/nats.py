@@ -196,3 +196,11 @@ class _Quiet:
 class _Counts:
     def __init__(self) -> None:
         self.extra: dict[str, int] = {}
+
+
+class NatsProbe:
+    """``validate --connect`` for both nats node types: the server answers, the stream exists."""
+
+    @classmethod
+    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
+        return await probe(config, stream_needed=True)

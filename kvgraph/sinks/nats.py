@@ -18,7 +18,7 @@ import xxhash
 from ..errors import NodeFailure
 from ..event import Event
 from ..node import CheckContext, Sink, Problem, boolean, integer, number, string
-from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, check_connection
+from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
 from ..registry import register
 
 FORMATS = ["dynamo-msgpack", "dynamo-json", "jsonl"]
@@ -27,7 +27,7 @@ _FIELD = re.compile(r"\{([^{}]*)\}")
 
 
 @register
-class NatsSink(Sink):
+class NatsSink(NatsProbe, Sink):
     name = "nats"
     summary = "Publish events to NATS in Dynamo's formats or kvgraph JSONL."
     options = {
@@ -74,12 +74,6 @@ class NatsSink(Sink):
                           hint="tokens separated by '.', no spaces or wildcards")
         if options.get("jetstream") and not options.get("stream"):
             yield Problem("stream", "jetstream = true needs the stream name")
-
-    @classmethod
-    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
-        from ..proto.nats import probe
-
-        return await probe(config, stream_needed=True)
 
     # -- runtime ------------------------------------------------------------------------------
     #

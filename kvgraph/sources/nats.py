@@ -15,14 +15,14 @@ import msgspec
 from ..errors import NodeFailure
 from ..event import Event, Rejected
 from ..node import CheckContext, Source, Problem, integer, number, string
-from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, check_connection
+from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
 from ..registry import register
 
 FORMATS = ["jsonl", "dynamo-json", "dynamo-msgpack"]
 
 
 @register
-class NatsSource(Source):
+class NatsSource(NatsProbe, Source):
     name = "nats"
     summary = "Subscribe to a NATS subject (core or JetStream) and decode events."
     options = {
@@ -59,12 +59,6 @@ class NatsSource(Source):
             yield Problem("stream", "jetstream = true needs the stream name")
         if "queue_group" in options and options.get("durable"):
             yield Problem("queue_group", "use durable (JetStream) or queue_group (core), not both")
-
-    @classmethod
-    async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
-        from ..proto.nats import probe
-
-        return await probe(config, stream_needed=True)
 
     # -- runtime ------------------------------------------------------------------------------
 
