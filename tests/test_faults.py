@@ -583,3 +583,34 @@ to = "idx"
     assert "nodes.bus.stream: JetStream stream 'MISSING' does not exist" in out
     assert f"nodes.pub.endpoint: cannot bind tcp://127.0.0.1:{taken}" in out
     assert f"nodes.idx.port: cannot bind http://127.0.0.1:{taken}" in out
+
+
+def test_a_replay_that_never_answers_is_bounded_in_memory_and_reports_the_loss(tmp_path,
+                                                                               monkeypatch):
+    """A replay endpoint that accepts requests but never answers: the live batches held
+    meanwhile are bounded, and the gap is reported, not waited on for ever."""
+    import zmq
+
+    from kvgraph.sources import _seq
+
+    monkeypatch.setattr(_seq, "MAX_HELD_BATCHES", 10)
+    ep, rp = endpoints(tmp_path)
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes requests, answers nothing
+    silent.bind(rp)
+    pub = TestEngine(ep, f"ipc://{tmp_path}/unused.sock")
+    graph = relay_graph(ep, rp, "replay_timeout_s = 3600")
+
+    async def go():
+        async with run_text(graph) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            for i in range(30):
+                pub.publish(stored_payload(0, [i + 1], i or None), drop=i == 3)
+            await wait_for(lambda: len(capture("out")) == 29 and len(capture("dead")) == 1)
+        return rt.result().metrics["engine"]
+
+    try:
+        m = asyncio.run(go())
+    finally:
+        pub.close()
+        silent.close()
+    assert m["seq_lost"] == 1 and "more than 10 live batches" in capture("dead")[0].reason

@@ -30,6 +30,10 @@ from ..event import CLEARED, Event, Rejected
 
 Key = tuple[bytes, int]  # (topic, dp_rank)
 
+#: Live batches held while a replay runs, at most; past it the replay is given up (and what it
+#: did not bring is reported lost), so that a slow replay cannot grow memory without bound.
+MAX_HELD_BATCHES = 20_000
+
 
 @dataclass
 class _Stream:
@@ -95,6 +99,10 @@ class SeqStreams:
                 st.repairing = True
         if st.repairing:
             st.pending.setdefault(seq, events)
+            rp = self.replays.get(rank)
+            if len(st.pending) >= MAX_HELD_BATCHES and rp is not None:  # memory stays bounded
+                self._finish(rank, rp, out, rejected, now,
+                             f"more than {MAX_HELD_BATCHES} live batches arrived during the replay")
             return
         last = st.last
         if last is None or seq == last + 1:
