@@ -124,8 +124,11 @@ class ZmqSource(Source):
         for ep in endpoints:
             (sock.bind if c["bind"] else sock.connect)(ep)
         self._sock = sock
+        # Awaiting readability goes through asyncio shadows of the plain sockets, made once
+        # (a Poller given plain sockets would wrap them again on every poll).
+        self._waiter = zmq.asyncio.Socket.from_socket(sock)
         self._poller = zmq.asyncio.Poller()
-        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._waiter, zmq.POLLIN)
         self._dealers: dict[int, Any] = {}
         if "replay_endpoint" in c:
             for rank, ep in enumerate(rank_endpoints(c["replay_endpoint"], c["dp_ranks"],
@@ -134,7 +137,7 @@ class ZmqSource(Source):
                 dealer.setsockopt(zmq.LINGER, 0)
                 dealer.connect(ep)
                 self._dealers[rank] = dealer
-                self._poller.register(dealer, zmq.POLLIN)
+                self._poller.register(zmq.asyncio.Socket.from_socket(dealer), zmq.POLLIN)
         self._ingest = FrameIngest(self.id, self.metrics, c["worker_id"], c["worker_id_from"],
                                    c["block_size"], self.log,
                                    self._request if self._dealers else None,
@@ -191,8 +194,11 @@ class ZmqSource(Source):
                 await emit(events)
             if rejected:
                 await reject(rejected)
-            if not events and not rejected:
-                await self._poller.poll(10)
+            if not events and not rejected:  # 10 ms cap: a missed edge costs at most that
+                if self._dealers:
+                    await self._poller.poll(10)
+                else:
+                    await self._waiter.poll(10, zmq.POLLIN)
 
     async def stop(self) -> None:
         for s in [getattr(self, "_sock", None), *getattr(self, "_dealers", {}).values()]:
