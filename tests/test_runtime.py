@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 
 import pytest
 
 from kvgraph import registry
 from kvgraph.channel import Channel, Inbox
-from kvgraph.event import Event, Rejected
+from kvgraph.event import Rejected
 from kvgraph.runtime import Runtime
 from kvgraph.testing import assert_metrics_contract, capture, load_text, run_text, wait_for
 

@@ -204,3 +204,24 @@ class NatsProbe:
     @classmethod
     async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
         return await probe(config, stream_needed=True)
+
+
+async def ensure_stream(js: Any, config: Mapping[str, Any], subject: str) -> bool:
+    """Check that the configured JetStream stream exists; create it when ``create_stream`` is
+    set (True when it did). A missing stream otherwise stops the node at start."""
+    from nats.js.errors import NotFoundError
+
+    from ..errors import NodeFailure
+
+    try:
+        await js.stream_info(config["stream"])
+        return False
+    except NotFoundError:
+        if not config.get("create_stream"):
+            raise NodeFailure(f"JetStream stream {config['stream']!r} does not exist; create it "
+                              "or set create_stream = true") from None
+    kwargs: dict[str, Any] = {"name": config["stream"], "subjects": [subject]}
+    if config.get("dedup_window_s"):
+        kwargs["duplicate_window"] = config["dedup_window_s"]
+    await js.add_stream(**kwargs)
+    return True

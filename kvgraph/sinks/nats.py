@@ -118,20 +118,11 @@ class NatsSink(NatsProbe, Sink):
             await self._ensure_stream()
 
     async def _ensure_stream(self) -> None:
-        from nats.js.errors import NotFoundError
+        from ..proto.nats import ensure_stream
 
         c = self.config
-        try:
-            await self.js.stream_info(c["stream"])
-        except NotFoundError:
-            if not c["create_stream"]:
-                raise NodeFailure(f"JetStream stream {c['stream']!r} does not exist; create it "
-                                  "or set create_stream = true") from None
-            subject = c["subject"].replace("{worker_id}", "*").replace("{dp_rank}", "*")
-            kwargs: dict[str, Any] = {"name": c["stream"], "subjects": [subject]}
-            if c["dedup_window_s"]:
-                kwargs["duplicate_window"] = c["dedup_window_s"]
-            await self.js.add_stream(**kwargs)
+        subject = c["subject"].replace("{worker_id}", "*").replace("{dp_rank}", "*")
+        if await ensure_stream(self.js, c, subject):
             self.log.info("created JetStream stream %s for %s", c["stream"], subject)
 
     def _subject_of(self, e: Any) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import asyncio
 
 from ..errors import ApiError
 from ..event import CLEARED, REMOVED, STORED, U64_MASK, Event

@@ -12,7 +12,6 @@ from typing import Any, Iterable, Mapping
 
 import msgspec
 
-from ..errors import NodeFailure
 from ..event import Event, Rejected
 from ..node import CheckContext, Source, Problem, integer, number, string
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
@@ -94,17 +93,12 @@ class NatsSource(NatsProbe, Source):
         """A pull consumer; each message is acked only once every sink downstream confirmed
         its events (end-to-end), and nak'ed for redelivery when they were dropped."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-        from nats.js.errors import NotFoundError
+
+        from ..proto.nats import ensure_stream
 
         c = self.config
         self.js = self.nc.jetstream()
-        try:
-            await self.js.stream_info(c["stream"])
-        except NotFoundError:
-            if not c["create_stream"]:
-                raise NodeFailure(f"JetStream stream {c['stream']!r} does not exist; create it "
-                                  "or set create_stream = true") from None
-            await self.js.add_stream(name=c["stream"], subjects=[c["subject"]])
+        await ensure_stream(self.js, c, c["subject"])
         config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=c["ack_wait_s"],
                                 max_ack_pending=c["max_ack_pending"],
                                 deliver_policy=DeliverPolicy(c["deliver_policy"]))
