@@ -187,9 +187,6 @@ class Inbox:
     def exhausted(self) -> bool:
         return all(ch.closed and not ch._q for ch in self.channels)
 
-    def empty(self) -> bool:
-        return not any(ch._q for ch in self.channels)
-
     async def get(self) -> Batch | None:
         """The next batch, or None once every input is closed and drained."""
         while True:

@@ -7,7 +7,7 @@ connected component so that every independent cycle is named once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 from .node import DEFAULT_PORT, ERRORS_PORT, INPUT_PORT, Kind, NodeType
@@ -41,7 +41,6 @@ class Edge:
     capacity: int = DEFAULT_CAPACITY
     when_full: str = "block"
     index: int = 0
-    line: int = 0
     dst_port: str = INPUT_PORT
     capacity_events: int = DEFAULT_CAPACITY_EVENTS
 
@@ -58,14 +57,6 @@ class Graph:
     edges: list[Edge]
     description: str = ""
     path: str = ""
-    warnings: list[Any] = field(default_factory=list)
-
-    def edges_from(self, node_id: str, port: str | None = None) -> list[Edge]:
-        return [e for e in self.edges
-                if e.src == node_id and (port is None or e.src_port == port)]
-
-    def edges_to(self, node_id: str) -> list[Edge]:
-        return [e for e in self.edges if e.dst == node_id]
 
     def topological_order(self) -> list[str]:
         """Node ids, every node after all of its producers."""

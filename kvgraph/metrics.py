@@ -28,13 +28,12 @@ CONTRACT = ("events_in", "events_out", "errors", "discarded_intentional",
 
 class NodeMetrics:
     __slots__ = ("node", "type", "kind", "events_in", "events_out", "errors",
-                 "discarded_intentional", "discarded_unintentional", "batches_in", "extra")
+                 "discarded_intentional", "discarded_unintentional", "extra")
 
     def __init__(self, node: str, type_: str, kind: str):
         self.node, self.type, self.kind = node, type_, kind
         self.events_in = self.events_out = self.errors = 0
         self.discarded_intentional = self.discarded_unintentional = 0
-        self.batches_in = 0
         self.extra: dict[str, int | float] = {}
 
     def add(self, name: str, n: int | float = 1) -> None:

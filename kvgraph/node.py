@@ -15,7 +15,7 @@ Two extension keywords mark string options:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 
@@ -75,8 +75,6 @@ class CheckContext:
     """What a type's check may want beyond its own options."""
 
     node_id: str
-    edges_in: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class NodeType:

@@ -95,12 +95,6 @@ class NodeContext:
         self.current_acks: tuple[Ack, ...] = ()   # of the batch a transform is processing
         self.held_acks: list[Ack] = []            # inputs a holding transform has not passed on
 
-    def ingest_idle(self) -> bool:
-        """True when the node has no replay in flight (nodes without one are always idle)."""
-        node = self.runtime_node
-        ingest = getattr(node, "_ingest", None)
-        return ingest is None or not ingest.streams.replays
-
     def path(self, value: str) -> Path:
         """A path option, relative to the graph file's directory."""
         p = Path(os.path.expanduser(value))
@@ -397,7 +391,6 @@ class Runtime:
         try:
             while (batch := await inbox.get()) is not None:
                 m.events_in += len(batch)
-                m.batches_in += 1
                 acks = ctx.current_acks = acks_of(batch)
                 try:
                     await node.process(batch)
@@ -434,6 +427,17 @@ class Runtime:
         unconfirmed: list[Ack] = []
         loop = asyncio.get_running_loop()
         last_flush = loop.time()
+
+        async def confirm() -> None:
+            """Flush; what was pending now counts as delivered, and its acks are released."""
+            nonlocal pending, last_flush
+            await node.flush()
+            m.events_out += pending
+            pending = 0
+            release_all(unconfirmed)
+            unconfirmed.clear()
+            last_flush = loop.time()
+
         try:
             while True:
                 batch = inbox.get_nowait()
@@ -442,12 +446,7 @@ class Runtime:
                     # confirmation is a round trip; delivery itself does not wait for it).
                     due = last_flush + CONFIRM_INTERVAL_S - loop.time()
                     if pending and node.can_confirm() and due <= 0:
-                        await node.flush()
-                        m.events_out += pending
-                        pending = 0
-                        release_all(unconfirmed)
-                        unconfirmed.clear()
-                        last_flush = loop.time()
+                        await confirm()
                     if pending:  # confirm soon (or, in an outage, look again soon)
                         try:
                             batch = await asyncio.wait_for(inbox.get(), max(due, 0.25 if
@@ -460,7 +459,6 @@ class Runtime:
                         break
                 n = len(batch)
                 m.events_in += n
-                m.batches_in += 1
                 before = m.errors + m.discarded_intentional
                 try:
                     await node.write(batch)
@@ -477,16 +475,9 @@ class Runtime:
                 unconfirmed.extend(acks_of(batch))
                 pending += n - (m.errors + m.discarded_intentional - before)
                 if (pending >= 8192 or loop.time() - last_flush > 0.25) and node.can_confirm():
-                    await node.flush()
-                    m.events_out += pending
-                    pending = 0
-                    release_all(unconfirmed)
-                    unconfirmed.clear()
-                    last_flush = loop.time()
+                    await confirm()
             if pending or unconfirmed:
-                await node.flush()
-                m.events_out += pending
-                release_all(unconfirmed)
+                await confirm()
         except asyncio.CancelledError:
             self.lost_events += pending
             raise

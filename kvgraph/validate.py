@@ -121,8 +121,6 @@ def validate_text(text: str, file: str = "<string>",
     graph = _validate_doc(doc, out, environ, file)
     diags = sorted(out.items, key=sort_key)
     errors = any(d.severity == "error" for d in diags)
-    if graph is not None:
-        graph.warnings = [d for d in diags if d.severity == "warning"]
     return Validation(file, None if errors else graph, diags)
 
 
@@ -170,7 +168,7 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
         t, table = types[node_id], nodes_doc[node_id]
         opts = {k: v for k, v in table.items() if k not in COMMON_OPTIONS}
         _check_env(node_id, t, opts, out, environ)
-        ctx = CheckContext(node_id, edges_in=sum(e.dst == node_id for e in edges))
+        ctx = CheckContext(node_id)
         for p in t.check(opts, ctx):
             out.add(("nodes", node_id, p.field) if p.field else ("nodes", node_id),
                     p.message, p.hint, "warning" if p.severity == "warning" else "error")
@@ -220,7 +218,7 @@ def _edges(raw: Any) -> list[Edge]:
         wf = e.get("when_full", "block")
         edges.append(Edge(s_node, s_port or DEFAULT_PORT, d_node,
                           cap if isinstance(cap, int) else DEFAULT_CAPACITY,
-                          wf if isinstance(wf, str) else "block", i, 0, d_port or INPUT_PORT,
+                          wf if isinstance(wf, str) else "block", i, d_port or INPUT_PORT,
                           cap_ev if isinstance(cap_ev, int) else DEFAULT_CAPACITY_EVENTS))
     return edges
 
@@ -321,7 +319,6 @@ async def probe(graph: Graph, environ: Mapping[str, str] | None = None) -> list[
     from .runtime import resolve_config
 
     environ = os.environ if environ is None else environ
-    locator_lines = {nid: n.line for nid, n in graph.nodes.items()}
     diags: list[Diagnostic] = []
 
     async def one(node: Node) -> None:
@@ -331,7 +328,7 @@ async def probe(graph: Graph, environ: Mapping[str, str] | None = None) -> list[
             diags.append(Diagnostic(graph.path, node.line, "error", f"nodes.{node.id}", str(exc)))
             return
         for p in await node.type.probe(config):
-            diags.append(Diagnostic(graph.path, locator_lines[node.id], "error",
+            diags.append(Diagnostic(graph.path, node.line, "error",
                                     f"nodes.{node.id}" + (f".{p.field}" if p.field else ""),
                                     p.message, 0, p.hint))
 

@@ -168,3 +168,26 @@ class TestEngine(ZmqPublisher):
         self._thread.join()
         self.router.close()
         super().close()
+
+
+def engine_graph(endpoint: str, options: str = "") -> str:
+    """A graph reading one engine: `zmq` node "engine" (with ``options``) -> capture "out", its
+    errors -> capture "dead"."""
+    return f"""
+[graph]
+name = "engine"
+[nodes.engine]
+type = "zmq"
+endpoint = "{endpoint}"
+{options}
+[nodes.out]
+type = "capture"
+[nodes.dead]
+type = "capture"
+[[edges]]
+from = "engine"
+to = "out"
+[[edges]]
+from = "engine.errors"
+to = "dead"
+"""

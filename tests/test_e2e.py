@@ -23,7 +23,8 @@ from kvgraph.errors import ApiError
 from kvgraph.event import Rejected
 from kvgraph.testing import (NatsServer, assert_metrics_contract, capture, run_text, wait_for)
 
-from .helpers import (ROOT, ZmqPublisher, assert_event_matches, expected_batches, fixture_dirs,
+from .helpers import (ROOT, ZmqPublisher, assert_event_matches, engine_graph,
+                      expected_batches, fixture_dirs,
                       fixture_id, read_frames)
 
 
@@ -282,24 +283,7 @@ to = "dead"
 # -- the zmq source: malformed input, gaps, restarts ------------------------------------------------
 
 def zmq_graph(endpoint: str) -> str:
-    return f"""
-[graph]
-name = "zmq-in"
-[nodes.engine]
-type = "zmq"
-endpoint = "{endpoint}"
-worker_id = 1
-[nodes.out]
-type = "capture"
-[nodes.dead]
-type = "capture"
-[[edges]]
-from = "engine"
-to = "out"
-[[edges]]
-from = "engine.errors"
-to = "dead"
-"""
+    return engine_graph(endpoint, "worker_id = 1")
 
 
 def good(seq: int, hashes: list[int]) -> list[bytes]:

@@ -21,30 +21,12 @@ from kvgraph.prefix_index import PrefixIndex
 from kvgraph.sources._frames import FrameIngest
 from kvgraph.testing import capture, free_port, run_text, wait_for
 
-from .helpers import (FIXTURES, TestEngine, assert_event_matches, expected_batches, read_frames)
+from .helpers import (FIXTURES, TestEngine, assert_event_matches, engine_graph,
+                      expected_batches, read_frames)
 
 
 def relay_graph(endpoint: str, replay: str, extra: str = "") -> str:
-    return f"""
-[graph]
-name = "repair"
-[nodes.engine]
-type = "zmq"
-endpoint = "{endpoint}"
-replay_endpoint = "{replay}"
-replay_cooldown_s = 0
-{extra}
-[nodes.out]
-type = "capture"
-[nodes.dead]
-type = "capture"
-[[edges]]
-from = "engine"
-to = "out"
-[[edges]]
-from = "engine.errors"
-to = "dead"
-"""
+    return engine_graph(endpoint, f'replay_endpoint = "{replay}"\nreplay_cooldown_s = 0\n{extra}')
 
 
 def endpoints(tmp_path: Path) -> tuple[str, str]:
@@ -95,7 +77,7 @@ def test_history_gone_is_a_counted_loss_record(tmp_path) -> None:
             for i, f in enumerate(frames[:11]):
                 engine.publish(f[2], drop=2 <= i <= 9)  # 2..9 never sent; the buffer keeps 6..10
             await wait_for(lambda: len(capture("dead")) == 1, timeout=20)
-            await wait_for(lambda: rt.contexts["engine"].ingest_idle(), timeout=20)
+            await wait_for(lambda: not rt.nodes["engine"]._ingest.streams.replays, timeout=20)
         engine.close()
         return rt.result().metrics["engine"]
 

@@ -206,19 +206,21 @@ class NatsSink(NatsProbe, Sink):
                     await self._confirm()       # make room by confirming what was sent
                 else:
                     await self._wait_up()       # the server is away: hold, then backpressure
-            # A message id from the content when it is deterministic (jsonl: the same events give
-            # the same id, across restarts too); else publisher id and sequence.
-            if self.config["format"] == "jsonl":
-                msg_id = xxhash.xxh3_128_hexdigest(payload, len(subject))
-            else:
-                msg_id = f"{self._envelope.publisher_id:x}-{self._msg_seq}"
-            self._msg_seq += 1
+            msg_id = self._msg_id(subject, payload) if self.js is not None else ""
             self._unconfirmed.append((subject, payload, n, msg_id))
             self._held_events += n
             self._held_bytes += len(payload)
             if self._up.is_set():
                 await self._send_pending()
         self.metrics.extra["held_events"] = self._held_events
+
+    def _msg_id(self, subject: str, payload: bytes) -> str:
+        """JetStream's message id: from the content when it is deterministic (jsonl: the same
+        events give the same id, across restarts too); else publisher id and sequence."""
+        self._msg_seq += 1
+        if self.config["format"] == "jsonl":
+            return xxhash.xxh3_128_hexdigest(payload, len(subject))
+        return f"{self._envelope.publisher_id:x}-{self._msg_seq}"
 
     async def _send_pending(self) -> None:
         """Send what this connection has not sent yet, in order."""
