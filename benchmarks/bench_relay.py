@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def baseline_cmd(tmp: Path, port: int, url: str, fmt: str, transforms: str) -> l
 
 
 def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "dynamo-msgpack",
-             transforms: str = "", rate: float = 0.0) -> dict[str, Any]:
+             transforms: str = "", rate: float = 0.0, profile: str = "") -> dict[str, Any]:
     n_msgs = max(1, total_events // per)
     msgs = make_messages(n_msgs, per, blocks)
     total = n_msgs * per
@@ -159,6 +160,9 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
     sub_thread = threading.Thread(target=lambda: asyncio.run(subscriber()))
     sub_thread.start()
     ready.wait(10)
+    if profile:  # py-spy samples the relay; its folded stacks go to the file named
+        cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "-o", profile, "--",
+               *cmd]
     relay_proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         if not pub.poll(30_000, zmq.POLLIN):
@@ -179,7 +183,7 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
         cpu = _cpu(relay_proc.pid) - cpu0
         rss = _rss_peak(relay_proc.pid)
     finally:
-        relay_proc.terminate()
+        relay_proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)
         relay_proc.communicate(timeout=30)
         done.set()
         sub_thread.join()
@@ -239,12 +243,15 @@ def main() -> None:
                     choices=["dynamo-msgpack", "dynamo-json", "jsonl"])
     ap.add_argument("--rate", type=float, default=0.0, help="pace at this many events/s")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", metavar="FILE", default="",
+                    help="with --only: sample the relay with py-spy into FILE (folded stacks; "
+                         "summarise with benchmarks/profile_summary.py FILE)")
     args = ap.parse_args()
     if not args.only:
         compare(args.repeat, args.events)
         return
     r = run_once(args.only, args.events_per_message, args.blocks_per_event, args.events,
-                 args.format, args.transforms, args.rate)
+                 args.format, args.transforms, args.rate, args.profile)
     path = " -> ".join(["ZMQ", *args.transforms.split(), "NATS"])
     print(f"{args.only} {path} ({args.format}, {args.events_per_message} events/message, "
           f"{args.blocks_per_event} blocks/event): {r['events_s']:,.0f} events/s "

@@ -137,6 +137,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(r.graph, args, status))
 
 
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a relay process (``kvgraph run`` only; an
+    embedding application keeps its own settings).
+
+    Every event brings a few lists (its hashes and tokens), which the collector tracks; with
+    the default threshold it runs every 700 of them and, in a burst, walks every queued batch
+    again and again: a tenth of the relay's time was spent there. Events never form cycles, so
+    collecting rarely loses nothing: ``freeze`` moves everything alive after start-up (modules,
+    the graph) out of the collector's sight, and the young generation is collected every 50,000
+    allocations instead of 700."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str) -> int:
     import asyncio
     import logging
@@ -148,6 +165,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str) -> in
     log = logging.getLogger("kvgraph")
     rt = Runtime(graph)
     await rt.start()
+    _tune_gc()
     loop = asyncio.get_running_loop()
     signals = 0
     abort_task: list[asyncio.Task[int]] = []

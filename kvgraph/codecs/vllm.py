@@ -16,7 +16,7 @@ byte. See ``shared/specs/kv-events-wire.md``.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -31,91 +31,72 @@ class DecodeError(ValueError):
 
 
 # -- the wire structs (one set per encoding; field order is wire order) ------------------------
+#
+# Token ids are plain ints except in SGLang's EAGLE mode (pairs). A decoder typed ``list[int]``
+# is a fifth faster than one typed ``list[int | list[int]]``, so each encoding has both, and the
+# general one is tried only when the fast one fails.
 
-class _StoredFields(msgspec.Struct):
-    block_hashes: list[Hash]
-    parent_block_hash: Hash | None = None
-    token_ids: list[Union[int, list[int]]] = []
-    block_size: int | None = None
-    lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-    session_id: str | None = None
-    lookahead_token_ids: list[list[int]] | None = None
-
-
-class _RemovedFields(msgspec.Struct):
-    block_hashes: list[Hash]
-    medium: str | None = None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
+def _stored_fields(tokens: Any) -> list[tuple[Any, ...]]:
+    return [
+        ("block_hashes", list[Hash]),
+        ("parent_block_hash", Optional[Hash], None),
+        ("token_ids", tokens, []),
+        ("block_size", Optional[int], None),
+        ("lora_id", Optional[int], None),
+        ("medium", Optional[str], None),
+        ("lora_name", Optional[str], None),
+        ("extra_keys", Optional[list[Any]], None),
+        ("group_idx", Optional[int], None),
+        ("kv_cache_spec_kind", Optional[str], None),
+        ("kv_cache_spec_sliding_window", Optional[int], None),
+        ("locality", Optional[str], None),
+        ("ownership", Optional[str], None),
+        ("session_id", Optional[str], None),
+        ("lookahead_token_ids", Optional[list[list[int]]], None),
+    ]
 
 
-class _StoredA(_StoredFields, array_like=True, tag="BlockStored"):
-    pass
+_REMOVED_FIELDS: list[tuple[Any, ...]] = [
+    ("block_hashes", list[Hash]),
+    ("medium", Optional[str], None),
+    ("group_idx", Optional[int], None),
+    ("locality", Optional[str], None),
+    ("ownership", Optional[str], None),
+]
 
 
-class _RemovedA(_RemovedFields, array_like=True, tag="BlockRemoved"):
-    pass
+def _encoding(array: bool, tokens: Any) -> tuple[type, type, type]:
+    """The (stored, removed, cleared) structs of one encoding: tagged arrays or tagged maps."""
+    kw: dict[str, Any] = {"array_like": True} if array else {"tag_field": "type"}
+    return (msgspec.defstruct("BlockStored", _stored_fields(tokens), tag="BlockStored", **kw),
+            msgspec.defstruct("BlockRemoved", _REMOVED_FIELDS, tag="BlockRemoved", **kw),
+            msgspec.defstruct("AllBlocksCleared", [], tag="AllBlocksCleared", **kw))
 
 
-class _ClearedA(msgspec.Struct, array_like=True, tag="AllBlocksCleared"):
-    pass
+_PAIRS = list[Union[int, list[int]]]
+_ENCODINGS = {(array, pairs): _encoding(array, _PAIRS if pairs else list[int])
+              for array in (False, True) for pairs in (False, True)}
+_STORED_TYPES = frozenset(t[0] for t in _ENCODINGS.values())
+_REMOVED_TYPES = frozenset(t[1] for t in _ENCODINGS.values())
 
 
-class _StoredM(_StoredFields, tag="BlockStored", tag_field="type"):
-    pass
+def _batch(events: Any) -> msgspec.Struct:
+    return msgspec.defstruct("Batch", [("ts", float), ("events", list[events]),
+                                       ("data_parallel_rank", Optional[int], None)],
+                             array_like=True)
 
 
-class _RemovedM(_RemovedFields, tag="BlockRemoved", tag_field="type"):
-    pass
-
-
-class _ClearedM(msgspec.Struct, tag="AllBlocksCleared", tag_field="type"):
-    pass
-
-
-_ArrayEvent = Union[_StoredA, _RemovedA, _ClearedA]
-_MapEvent = Union[_StoredM, _RemovedM, _ClearedM]
-
-
-class _BatchA(msgspec.Struct, array_like=True):
-    ts: float
-    events: list[_ArrayEvent]
-    data_parallel_rank: int | None = None
-
-
-class _BatchM(msgspec.Struct, array_like=True):
-    ts: float
-    events: list[_MapEvent]
-    data_parallel_rank: int | None = None
-
-
-class _BatchRaw(msgspec.Struct, array_like=True):
-    ts: float
-    events: list[msgspec.Raw]
-    data_parallel_rank: int | None = None
-
+_BatchRaw = _batch(msgspec.Raw)
+# Most common first (vLLM >= 0.24 writes maps); the one that worked last moves to the front.
+_typed = [msgspec.msgpack.Decoder(_batch(Union[_ENCODINGS[key]]))
+          for key in ((False, False), (True, False), (False, True), (True, True))]
+_dec_raw = msgspec.msgpack.Decoder(_BatchRaw)
+_dec_event_m = msgspec.msgpack.Decoder(Union[_ENCODINGS[False, True]])
+_dec_event_a = msgspec.msgpack.Decoder(Union[_ENCODINGS[True, True]])
 
 _OPTIONAL_STORED = ("lora_id", "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind",
                     "kv_cache_spec_sliding_window", "locality", "ownership", "session_id",
                     "lookahead_token_ids")
-
-_dec_a = msgspec.msgpack.Decoder(_BatchA)
-_dec_m = msgspec.msgpack.Decoder(_BatchM)
-_dec_raw = msgspec.msgpack.Decoder(_BatchRaw)
-_dec_event_a = msgspec.msgpack.Decoder(_ArrayEvent)
-_dec_event_m = msgspec.msgpack.Decoder(_MapEvent)
-
-
-_typed = [_dec_m, _dec_a]  # the encoding that worked last is tried first
 
 
 def _decode_batch(payload: bytes) -> Any:
@@ -125,7 +106,7 @@ def _decode_batch(payload: bytes) -> Any:
         except (msgspec.DecodeError, UnicodeDecodeError):
             continue
         if i:
-            _typed.reverse()
+            _typed.insert(0, _typed.pop(i))
         return batch
     # Mixed encodings, or malformed: decode event by event for a precise reason.
     try:
@@ -154,19 +135,26 @@ def decode_payload(payload: bytes, worker_id: int = 0, seq: int | None = None
     out: list[Event] = []
     append = out.append
     for e in b.events:
-        if type(e) is _StoredA or type(e) is _StoredM:
+        t = type(e)
+        if t in _STORED_TYPES:
             parent = e.parent_block_hash
             ev = Event(kind=STORED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts,
                        block_hashes=normalize_hashes(e.block_hashes),
                        parent_hash=None if parent is None else normalize_hash(parent),
                        token_ids=e.token_ids, block_size=e.block_size, medium=e.medium)
-            # Passing the optional fields only when set costs a fifth of passing them all.
-            for name in _OPTIONAL_STORED:
-                value = getattr(e, name)
-                if value is not None:
-                    setattr(ev, name, value)
+            # Setting the optional fields only when some are present (rare) costs a fifth of
+            # passing them all; one test of them all is cheaper still than a loop.
+            if (e.lora_id is not None or e.lora_name is not None or e.extra_keys is not None
+                    or e.group_idx is not None or e.kv_cache_spec_kind is not None
+                    or e.kv_cache_spec_sliding_window is not None or e.locality is not None
+                    or e.ownership is not None or e.session_id is not None
+                    or e.lookahead_token_ids is not None):
+                for name in _OPTIONAL_STORED:
+                    value = getattr(e, name)
+                    if value is not None:
+                        setattr(ev, name, value)
             append(ev)
-        elif type(e) is _RemovedA or type(e) is _RemovedM:
+        elif t in _REMOVED_TYPES:
             append(Event(kind=REMOVED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts,
                          block_hashes=normalize_hashes(e.block_hashes), medium=e.medium,
                          group_idx=e.group_idx, locality=e.locality, ownership=e.ownership))
@@ -192,8 +180,8 @@ def split_frames(frames: list[bytes]) -> tuple[bytes, int, bytes]:
 
 # -- encoding (the zmq sink and the synthetic source speak vLLM too) ---------------------------
 
-_STORED_ARRAY_FIELDS = tuple(_StoredFields.__struct_fields__)
-_REMOVED_ARRAY_FIELDS = tuple(_RemovedFields.__struct_fields__)
+_STORED_ARRAY_FIELDS = tuple(f[0] for f in _stored_fields(_PAIRS))
+_REMOVED_ARRAY_FIELDS = tuple(f[0] for f in _REMOVED_FIELDS)
 _encoder = msgspec.msgpack.Encoder()
 
 
