@@ -169,9 +169,8 @@ class Inbox:
             ch._inbox = self
 
     def wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if self._waiter is not None:
+            resolve(self._waiter)
 
     def get_nowait(self) -> Batch | None:
         chs = self.channels
@@ -195,8 +194,25 @@ class Inbox:
                 return batch
             if self.exhausted:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self.wait()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Return when a batch may have arrived, an input closed, or ``timeout`` passed.
+
+        A timer on the waiter itself, not ``asyncio.wait_for``: that makes a task per call,
+        which at a few thousand waits a second is a visible share of an idle relay's CPU."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, resolve, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def resolve(fut: "asyncio.Future[None]") -> None:
+    """Wake whoever awaits ``fut``, once (a timer and an event may both try)."""
+    if not fut.done():
+        fut.set_result(None)

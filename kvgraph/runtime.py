@@ -448,13 +448,11 @@ class Runtime:
                     if pending and node.can_confirm() and due <= 0:
                         await confirm()
                     if pending:  # confirm soon (or, in an outage, look again soon)
-                        try:
-                            batch = await asyncio.wait_for(inbox.get(), max(due, 0.25 if
-                                                           not node.can_confirm() else 0.001))
-                        except asyncio.TimeoutError:
-                            continue
-                    else:
-                        batch = await inbox.get()
+                        if inbox.exhausted:
+                            break
+                        await inbox.wait(max(due, 0.25 if not node.can_confirm() else 0.001))
+                        continue
+                    batch = await inbox.get()
                     if batch is None:
                         break
                 n = len(batch)

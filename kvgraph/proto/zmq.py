@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.:-]+?):(?P<port>\d+|\*)$")
 
@@ -89,3 +90,40 @@ def probe_bind(endpoint: str) -> str | None:
         return None
     except OSError as exc:
         return f"cannot bind {endpoint}: {exc.strerror or exc}"
+
+
+class Readable:
+    """Await until any of some plain ZMQ sockets has a message, or a timeout passes.
+
+    ``zmq.asyncio`` does this with futures, a poller and callbacks per call; a relay that
+    waits a thousand times a second spent a tenth of its CPU there. This registers the
+    sockets' notification descriptors with the event loop only while waiting. ZMQ signals
+    those descriptors on a change, not a state, so the sockets' ``EVENTS`` are checked first,
+    and the caller's timeout bounds what a missed signal could cost."""
+
+    def __init__(self, sockets: list[Any]):
+        import zmq
+
+        self._sockets = sockets
+        self._fds = [s.get(zmq.FD) for s in sockets]
+        self._events, self._pollin = int(zmq.EVENTS), int(zmq.POLLIN)
+
+    async def wait(self, timeout: float) -> None:
+        import asyncio
+
+        from ..channel import resolve
+
+        for s in self._sockets:
+            if s.get(self._events) & self._pollin:
+                return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        for fd in self._fds:
+            loop.add_reader(fd, resolve, fut)
+        timer = loop.call_later(timeout, resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            for fd in self._fds:
+                loop.remove_reader(fd)
