@@ -210,7 +210,9 @@ def test_index_sink_answers_queries_over_http_and_python() -> None:
 @st.composite
 def streams(draw):
     """Random but engine-like streams: chains stored on known parents, duplicate stores,
-    removes of stored (and unknown) hashes, clears; 3 workers, 2 DP ranks."""
+    removes of stored (and unknown) hashes, clears; 3 workers, 2 DP ranks. As with a real
+    engine, a store's parent is a block the worker still holds: a removed hash is no longer
+    chosen as a parent (see test_batch_on_an_unknown_parent for the other case)."""
     rng = random.Random(draw(st.integers(0, 2**32)))
     n = draw(st.integers(1, 120))
     held: dict[tuple[int, int], list[int]] = {}
@@ -230,8 +232,10 @@ def streams(draw):
             mine.extend(hashes)
         elif roll < 0.9:
             pool = mine + [rng.randrange(40, 50)]
+            gone = rng.choice(pool)
             events.append(Event(kind="removed", worker_id=w[0], dp_rank=w[1],
-                                block_hashes=[rng.choice(pool)]))
+                                block_hashes=[gone]))
+            mine[:] = [h for h in mine if h != gone]
         else:
             events.append(Event(kind="cleared", worker_id=w[0], dp_rank=w[1]))
             mine.clear()
@@ -332,3 +336,19 @@ def test_dedup_then_batch_equals_the_reference_counted_model(batches) -> None:
     via = PrefixIndex()
     apply(via, through("dedup batch", batches))
     assert state(via) == state(model.idx)
+
+
+def test_batch_on_an_unknown_parent() -> None:
+    """The one case where merging changes the index state, as the batch node documents: a
+    store on a parent the index does not know (a stream error, e.g. after an unrepaired gap)
+    is rejected, and a merged run is rejected with it, including a continuation that alone
+    would have been accepted because its parent block was already held."""
+    batches = [[stored(0, [1] * 4, [5]),                  # 5 held
+                Event(kind="removed", worker_id=0, dp_rank=0, block_hashes=[7]),
+                stored(0, [2] * 4, [5], parent=7),        # parent 7 unknown: rejected
+                stored(0, [3] * 4, [8], parent=5)]]       # alone: accepted (5 is held)
+    direct, via = PrefixIndex(), PrefixIndex()
+    apply(direct, [e for b in batches for e in b])
+    apply(via, through("batch", batches))
+    assert direct.held((0, 0)) != via.held((0, 0))
+    assert 8 in direct.held((0, 0)) and 8 not in via.held((0, 0))

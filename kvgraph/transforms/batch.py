@@ -2,7 +2,11 @@
 
 Consecutive stores merge when each continues the previous chain; consecutive removes merge.
 A run is flushed on a kind change, a worker, DP rank or tier change, a chain break, a clear,
-``max_events`` or ``max_delay_ms``. The merged output builds exactly the same index state.
+``max_events`` or ``max_delay_ms``. The merged output builds exactly the same index state,
+provided each store's parent is a block the worker holds, as a real engine's are. A store on an
+unknown parent (a stream error, e.g. after a gap that could not be repaired) is rejected by the
+index; a merged run is rejected with it, including a continuation that alone would have been
+accepted because its parent block was already held from an earlier store.
 """
 
 from __future__ import annotations
