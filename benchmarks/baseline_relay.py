@@ -36,12 +36,18 @@ def tokens_hash(tokens: list[int], bs: int, seed: int = 1337) -> list[int]:
     return [xxhash.xxh3_64_intdigest(mv[i:i + step], seed) for i in range(0, n * step, step)]
 
 
-async def main(endpoint: str, url: str, subject: str) -> None:
-    nc = await nats.connect(url)
+def engine_socket(endpoint: str) -> zmq.Socket:
+    """A SUB socket connected to the engine, subscribed to everything."""
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(endpoint)
+    return sock
+
+
+async def main(endpoint: str, url: str, subject: str) -> None:
+    nc = await nats.connect(url)
+    sock = engine_socket(endpoint)
     waiter = zmq.asyncio.Socket.from_socket(sock)
     dec, enc = msgspec.msgpack.Decoder(), msgspec.msgpack.Encoder()
     ids: dict[tuple[int, int], int] = {}

@@ -34,12 +34,8 @@ def rss_kb() -> int:
     return 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--blocks", type=int, default=1_000_000)
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--queries", type=int, default=2000)
-    args = ap.parse_args()
+def measure(blocks: int = 1_000_000, workers: int = 8, queries: int = 2000) -> dict[str, float]:
+    """Build an index of ``blocks`` blocks, then time ``queries`` queries; the figures."""
     bs, per_event, seq_blocks = 16, 4, 64
     rng = random.Random(1)
     system = [[rng.randrange(151936) for _ in range(16 * bs)] for _ in range(32)]
@@ -50,17 +46,17 @@ def main() -> None:
     idx = PrefixIndex()
     events = 0
     applied_s = 0.0
-    while idx.blocks < args.blocks:
-        w = (n_seq % args.workers, 0)
+    while idx.blocks < blocks:
+        w = (n_seq % workers, 0)
         if rng.random() < 0.5:
             tokens = rng.choice(system) + [rng.randrange(151936) for _ in range(48 * bs)]
         else:
             tokens = [rng.randrange(151936) for _ in range(seq_blocks * bs)]
         n_seq += 1
-        if len(sample) < args.queries:
+        if len(sample) < queries:
             sample.append(tokens)
-        elif rng.randrange(n_seq) < args.queries:
-            sample[rng.randrange(args.queries)] = tokens
+        elif rng.randrange(n_seq) < queries:
+            sample[rng.randrange(queries)] = tokens
         parent = None
         chained = 0
         t0 = time.perf_counter()
@@ -85,13 +81,26 @@ def main() -> None:
         assert scores
     lat.sort()
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6  # noqa: E731
-    print(f"index: {idx.blocks:,} blocks held ({idx.nodes:,} tree nodes) over {args.workers} "
-          f"workers; {events / applied_s:,.0f} stored events/s applied "
-          f"({events * per_event / applied_s:,.0f} blocks/s, tokens_hash included)")
-    print(f"memory: {grown / idx.blocks:.0f} bytes per block held ({grown / 2**20:.0f} MiB RSS "
-          f"growth; includes {len(sample)} sample prompts, about 70 MiB)")
-    print(f"query (1,024 tokens = 64 blocks, tokens_hash included): p50 {p(0.5):.0f} us, "
-          f"p99 {p(0.99):.0f} us, max {lat[-1] * 1e6:.0f} us")
+    return {"blocks": idx.blocks, "nodes": idx.nodes, "workers": workers,
+            "events_s": events / applied_s, "blocks_s": events * per_event / applied_s,
+            "bytes_per_block": grown / idx.blocks, "rss_growth_mb": grown / 2**20,
+            "samples": len(sample), "p50_us": p(0.5), "p99_us": p(0.99), "max_us": lat[-1] * 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=1_000_000)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=2000)
+    args = ap.parse_args()
+    r = measure(args.blocks, args.workers, args.queries)
+    print(f"index: {r['blocks']:,} blocks held ({r['nodes']:,} tree nodes) over {r['workers']} "
+          f"workers; {r['events_s']:,.0f} stored events/s applied "
+          f"({r['blocks_s']:,.0f} blocks/s, tokens_hash included)")
+    print(f"memory: {r['bytes_per_block']:.0f} bytes per block held ({r['rss_growth_mb']:.0f} MiB "
+          f"RSS growth; includes {r['samples']} sample prompts, about 70 MiB)")
+    print(f"query (1,024 tokens = 64 blocks, tokens_hash included): p50 {r['p50_us']:.0f} us, "
+          f"p99 {r['p99_us']:.0f} us, max {r['max_us']:.0f} us")
 
 
 if __name__ == "__main__":

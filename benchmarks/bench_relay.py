@@ -49,69 +49,134 @@ from kvgraph.testing import NatsServer, free_port  # noqa: E402
 BS = 16
 
 
+_POOL: list[int] = []
+
+
 def make_messages(n_messages: int, per_message: int, blocks: int) -> list[bytes]:
+    """Pre-encoded vLLM batches (map encoding), every event chained to the previous one.
+    Tokens are windows of one random pool: their values do not change the relay's work."""
     import random
 
-    rng = random.Random(1)
+    if not _POOL:
+        rng = random.Random(1)
+        _POOL.extend(rng.choices(range(151936), k=1 << 16))
+    n_tok = blocks * BS
     out = []
     h = 1
-    for _ in range(n_messages):
+    for m in range(n_messages):
         events = []
-        for _ in range(per_message):
+        for k in range(per_message):
+            start = (m * 7919 + k * 104729) % (len(_POOL) - n_tok)
             events.append(Event(kind="stored", worker_id=0, dp_rank=0,
-                                block_hashes=[h + i for i in range(blocks)], parent_hash=h - 1,
-                                token_ids=[rng.randrange(151936) for _ in range(blocks * BS)],
-                                block_size=BS, medium="GPU"))
+                                block_hashes=list(range(h, h + blocks)), parent_hash=h - 1,
+                                token_ids=_POOL[start:start + n_tok], block_size=BS,
+                                medium="GPU"))
             h += blocks
         out.append(encode_payload(events, time.time(), 0, "map"))
     return out
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _tree(pid: int) -> list[int]:
+    """The relay's process and its children (``--workers`` runs one process per worker)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    return [pid, *kids]
 
 
-def _rss_peak(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def kvgraph_cmd(tmp: Path, port: int, url: str, fmt: str, transforms: str) -> list[str]:
-    chain = ["engine", *(f"t{i}" for i in range(len(transforms.split()))), "router"]
-    nodes = "".join(f'[nodes.t{i}]\ntype = "{t}"\n' for i, t in enumerate(transforms.split()))
-    edges = "".join(f'[[edges]]\nfrom = "{a}"\nto = "{b}"\n' for a, b in zip(chain, chain[1:]))
+def _rss_peak(pids: list[int]) -> int:
+    """Sum of each process's peak RSS (with one process: its peak)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def dynamo_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("dynamo") is not None and \
+        importlib.util.find_spec("dynamo._core") is not None
+
+
+SUBJECT = "bench.kv-events"
+
+
+def relay_cmd(relay: str, tmp: Path, ports: list[int], url: str, fmt: str, transforms: str,
+              workers: int) -> tuple[list[str], str]:
+    """The relay's command line and the subject it publishes on."""
+    ep = f"tcp://127.0.0.1:{ports[0]}"
+    if relay == "baseline":
+        return [sys.executable, str(ROOT / "benchmarks" / "baseline_relay.py"), ep, url,
+                SUBJECT], SUBJECT
+    if relay == "bare":
+        return [sys.executable, str(ROOT / "benchmarks" / "bare_relay.py"), ep, url,
+                SUBJECT], SUBJECT
+    if relay == "dynamo":
+        from dynamo_relay import SUBJECT as DYNAMO_SUBJECT
+
+        return [sys.executable, str(ROOT / "benchmarks" / "dynamo_relay.py"), ep, url], \
+            DYNAMO_SUBJECT
+    first = "t0" if transforms.split() else "router"
+    chain = [*(f"t{i}" for i in range(len(transforms.split()))), "router"]
+    text = ['[graph]\nname = "bench"\n']
+    for i, port in enumerate(ports):
+        text.append(f'[nodes.engine{i}]\ntype = "zmq"\nendpoint = "tcp://127.0.0.1:{port}"\n'
+                    f'worker_id = {i}\n[[edges]]\nfrom = "engine{i}"\nto = "{first}"\n')
+    text += [f'[nodes.t{i}]\ntype = "{t}"\n' for i, t in enumerate(transforms.split())]
+    text.append(f'[nodes.router]\ntype = "nats"\nurl = "{url}"\nsubject = "{SUBJECT}"\n'
+                f'format = "{fmt}"\n')
+    text += [f'[[edges]]\nfrom = "{a}"\nto = "{b}"\n' for a, b in zip(chain, chain[1:])]
     graph = tmp / "relay.toml"
-    graph.write_text(f'[graph]\nname = "bench"\n[nodes.engine]\ntype = "zmq"\n'
-                     f'endpoint = "tcp://127.0.0.1:{port}"\n{nodes}[nodes.router]\ntype = "nats"'
-                     f'\nurl = "{url}"\nsubject = "bench.kv-events"\nformat = "{fmt}"\n{edges}')
+    graph.write_text("".join(text))
     return [sys.executable, "-m", "kvgraph", "run", str(graph), "--status", "off",
-            "--log-level", "warning"]
-
-
-def baseline_cmd(tmp: Path, port: int, url: str, fmt: str, transforms: str) -> list[str]:
-    return [sys.executable, str(ROOT / "benchmarks" / "baseline_relay.py"),
-            f"tcp://127.0.0.1:{port}", url, "bench.kv-events"]
+            "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else [])], \
+        SUBJECT
 
 
 def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "dynamo-msgpack",
-             transforms: str = "", rate: float = 0.0, profile: str = "") -> dict[str, Any]:
-    n_msgs = max(1, total_events // per)
+             transforms: str = "", rate: float = 0.0, profile: str = "", engines: int = 1,
+             workers: int = 1) -> dict[str, Any]:
+    """One run: start nats-server and the relay, send ``total_events`` (split over
+    ``engines`` engines, round-robin), count what a NATS subscriber receives."""
+    n_msgs = max(1, total_events // (per * engines))
     msgs = make_messages(n_msgs, per, blocks)
-    total = n_msgs * per
+    total = n_msgs * per * engines
     server = NatsServer().start()
-    port = free_port()
+    ports = [free_port() for _ in range(engines)]
     tmp = Path(tempfile.mkdtemp(prefix="kvgraph-bench-"))
-    cmd = (kvgraph_cmd if relay == "kvgraph" else baseline_cmd)(tmp, port, server.url, fmt,
-                                                                 transforms)
+    cmd, subject = relay_cmd(relay, tmp, ports, server.url, fmt, transforms, workers)
     ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.bind(f"tcp://127.0.0.1:{port}")
+    pubs = []
+    for port in ports:
+        pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.SNDHWM, 0)
+        pub.bind(f"tcp://127.0.0.1:{port}")
+        pubs.append(pub)
     sent_at = [0.0] * n_msgs
     received = [0]
     last_recv = [0.0]
@@ -149,7 +214,7 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
             if received[0] >= total:
                 done.set()
 
-        await nc.subscribe("bench.kv-events", cb=cb, pending_msgs_limit=10_000_000,
+        await nc.subscribe(subject, cb=cb, pending_msgs_limit=10_000_000,
                            pending_bytes_limit=2**31)
         await nc.flush()
         ready.set()
@@ -165,10 +230,12 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
                *cmd]
     relay_proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        if not pub.poll(30_000, zmq.POLLIN):
-            raise SystemExit(f"{relay} did not subscribe: {relay_proc.stderr.read()}")
-        pub.recv()
-        cpu0 = _cpu(relay_proc.pid)
+        for pub in pubs:
+            if not pub.poll(60_000, zmq.POLLIN):
+                raise SystemExit(f"{relay} did not subscribe: {relay_proc.stderr.read()}")
+            pub.recv()
+        pids = _tree(relay_proc.pid)
+        cpu0 = _cpu(pids)
         t0 = time.perf_counter()
         interval = per / rate if rate else 0.0
         for i, payload in enumerate(msgs):
@@ -177,17 +244,20 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
                 if delay > 0:
                     time.sleep(delay)
             sent_at[i] = time.perf_counter()
-            pub.send_multipart([b"", i.to_bytes(8, "big"), payload])
+            seq = i.to_bytes(8, "big")
+            for pub in pubs:
+                pub.send_multipart([b"", seq, payload])
         done.wait(180)
         elapsed = (last_recv[0] or time.perf_counter()) - t0
-        cpu = _cpu(relay_proc.pid) - cpu0
-        rss = _rss_peak(relay_proc.pid)
+        cpu = _cpu(pids) - cpu0
+        rss = _rss_peak(pids)
     finally:
         relay_proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)
         relay_proc.communicate(timeout=30)
         done.set()
         sub_thread.join()
-        pub.close()
+        for pub in pubs:
+            pub.close()
         server.close()
     latencies.sort()
 
@@ -195,69 +265,137 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 \
             if latencies else float("nan")
 
-    return {"relay": relay, "per": per, "events_s": received[0] / elapsed,
+    return {"relay": relay, "per": per, "blocks": blocks, "engines": engines,
+            "workers": workers, "events_s": received[0] / elapsed,
             "blocks_s": received[0] * blocks / elapsed, "cpu": 100 * cpu / elapsed,
             "rss_mb": rss / 2**20, "lost": total - received[0],
             "p50": pct(0.5), "p99": pct(0.99), "p999": pct(0.999)}
 
 
-def compare(repeat: int, total: int) -> None:
-    rows = []
+# -- the suite ---------------------------------------------------------------------------------
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
+    """Median of the pair-by-pair ratios of events/s (runs i of a and b ran back to back)."""
+    return statistics.median(x["events_s"] / y["events_s"] for x, y in zip(a, b))
+
+
+TARGETS = {1: 64_000, 16: 114_000, 128: 135_000}  # Dynamo 1.6.1's Rust relay, issue 6
+
+
+def suite(repeat: int, total: int, quick: bool = False) -> None:
+    """Everything, in one run: the comparison, paced latency, scaling curves, the index."""
+    relays = ["kvgraph", "bare", "baseline"] + (["dynamo"] if dynamo_available() else [])
+    started = time.time()
+    print(f"kvgraph benchmark suite, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}; medians of {repeat} "
+          f"runs, relays run back to back so that ratios are pair by pair")
+    if "dynamo" not in relays:
+        print("Dynamo 1.6.1 relay: skipped (ai-dynamo-runtime is not installed: "
+              "pip install ai-dynamo-runtime to include it); the targets column holds the "
+              "figures issue 6 measured for it")
+
+    print(f"\n1. Throughput, ZMQ -> NATS (dynamo-msgpack), 4 blocks/event, {total:,} events "
+          "per run, lost must be 0")
+    head = (f"{'ev/msg':>6}  {'relay':<9} {'events/s':>9} {'blocks/s':>10} {'CPU%':>5} "
+            f"{'peak RSS':>9} {'lost':>5}  vs dynamo  vs bare  vs baseline")
+    print(head)
     for per in (1, 16, 128):
-        runs: dict[str, list[dict[str, Any]]] = {"kvgraph": [], "baseline": []}
+        runs: dict[str, list[dict[str, Any]]] = {r: [] for r in relays}
         for _ in range(repeat):
-            for relay in ("kvgraph", "baseline"):
+            for relay in relays:
                 runs[relay].append(run_once(relay, per, 4, total))
-        ratios = [k["events_s"] / b["events_s"] for k, b in zip(runs["kvgraph"],
-                                                                 runs["baseline"])]
-        for relay, rs in runs.items():
-            rows.append((per, relay, statistics.median(r["events_s"] for r in rs),
-                         statistics.median(r["cpu"] for r in rs),
-                         max(r["rss_mb"] for r in rs), sum(r["lost"] for r in rs),
-                         statistics.median(ratios) if relay == "kvgraph" else None))
-    print(f"\nZMQ -> NATS (dynamo-msgpack), 4 blocks/event, {total:,} events per run, "
-          f"median of {repeat} runs")
-    print(f"{'ev/msg':>6}  {'relay':<9} {'events/s':>10} {'CPU%':>5} {'peak RSS':>9} "
-          f"{'lost':>5}  kvgraph/baseline")
-    for per, relay, evs, cpu, rss, lost, ratio in rows:
-        print(f"{per:>6}  {relay:<9} {evs:>10,.0f} {cpu:>5.0f} {rss:>7.0f}MB {lost:>5}  "
-              + (f"{ratio:.2f}" if ratio is not None else ""))
-    print("Dynamo 1.6.1 relay: skipped (ai-dynamo-runtime is not installed: "
-          "pip install ai-dynamo-runtime to include it)")
-    lat = [run_once(r, 16, 4, 30_000, rate=10_000) for r in ("kvgraph", "baseline")]
-    print("\npaced 10k events/s, 16 events per message:")
-    for r in lat:
-        print(f"  {r['relay']:<9} p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  "
-              f"p999 {r['p999']:.2f} ms  CPU {r['cpu']:.0f}%  peak RSS {r['rss_mb']:.0f} MB  "
-              f"lost {r['lost']}")
+        for relay in relays:
+            rs = runs[relay]
+            line = (f"{per:>6}  {relay:<9} {_median(rs, 'events_s'):>9,.0f} "
+                    f"{_median(rs, 'blocks_s'):>10,.0f} {_median(rs, 'cpu'):>5.0f} "
+                    f"{max(r['rss_mb'] for r in rs):>7.0f}MB {sum(r['lost'] for r in rs):>5}")
+            if relay == "kvgraph":
+                vs_dyn = (f"{_ratio(rs, runs['dynamo']):.2f}" if "dynamo" in runs else
+                          f"{_median(rs, 'events_s') / TARGETS[per]:.2f}*")
+                line += (f"  {vs_dyn:>9}  {_ratio(rs, runs['bare']):>7.2f}  "
+                         f"{_ratio(rs, runs['baseline']):>11.2f}")
+            print(line)
+    if "dynamo" not in relays:
+        print("  * against the target (Dynamo's figure from issue 6), not a run here")
+
+    print("\n2. Paced 10k events/s, 16 events/message (latency = engine send -> NATS receipt)")
+    paced: dict[str, list[dict[str, Any]]] = {r: [] for r in relays}
+    for _ in range(repeat):
+        for relay in relays:
+            paced[relay].append(run_once(relay, 16, 4, 30_000, rate=10_000))
+    for relay, rs in paced.items():
+        print(f"  {relay:<9} p50 {_median(rs, 'p50'):.2f} ms  p99 {_median(rs, 'p99'):.2f} ms "
+              f"(runs: {', '.join(format(r['p99'], '.2f') for r in rs)})  p999 "
+              f"{_median(rs, 'p999'):.2f} ms  CPU {_median(rs, 'cpu'):.0f}%  peak RSS "
+              f"{max(r['rss_mb'] for r in rs):.0f} MB  lost {sum(r['lost'] for r in rs)}")
+
+    print("\n3. Scaling, kvgraph, 16 events/message")
+    curve_relays = ["kvgraph"] + (["dynamo"] if "dynamo" in relays else [])
+    for blocks in (1, 4, 32):
+        n = total if blocks <= 4 else max(20_000, total * 4 // blocks)
+        for relay in curve_relays:
+            rs = [run_once(relay, 16, blocks, n) for _ in range(1 if quick else repeat)]
+            print(f"  {blocks:>2} blocks/event  {relay:<8} {_median(rs, 'events_s'):>9,.0f} "
+                  f"events/s {_median(rs, 'blocks_s'):>10,.0f} blocks/s  CPU "
+                  f"{_median(rs, 'cpu'):.0f}%  lost {sum(r['lost'] for r in rs)}")
+    for engines in (1, 8, 64):
+        for workers in (1, 2):
+            if workers > engines:
+                continue
+            rs = [run_once("kvgraph", 16, 4, total, engines=engines, workers=workers)
+                  for _ in range(1 if quick else repeat)]
+            print(f"  {engines:>2} engines, --workers {workers}  {_median(rs, 'events_s'):>9,.0f} "
+                  f"events/s  CPU {_median(rs, 'cpu'):.0f}%  peak RSS "
+                  f"{max(r['rss_mb'] for r in rs):.0f} MB  lost {sum(r['lost'] for r in rs)}")
+
+    print("\n4. The index sink's apply path at 1M blocks (tokens_hash + store, in-process)")
+    from bench_index import measure
+
+    ix = measure(100_000 if quick else 1_000_000)
+    print(f"  {ix['events_s']:,.0f} stored events/s ({ix['blocks_s']:,.0f} blocks/s) applied; "
+          f"query of 64 blocks p50 {ix['p50_us']:.0f} us, p99 {ix['p99_us']:.0f} us; "
+          f"{ix['bytes_per_block']:.0f} bytes per block")
+    print(f"\nsuite took {time.time() - started:.0f} s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["kvgraph", "baseline"])
+    ap.add_argument("--only", choices=["kvgraph", "bare", "baseline", "dynamo"])
     ap.add_argument("--events-per-message", type=int, default=16)
     ap.add_argument("--events", type=int, default=160_000, help="events per run")
     ap.add_argument("--blocks-per-event", type=int, default=4)
+    ap.add_argument("--engines", type=int, default=1, help="kvgraph only: engines (sources)")
+    ap.add_argument("--workers", type=int, default=1, help="kvgraph only: run --workers N")
     ap.add_argument("--transforms", default="", help='kvgraph only, e.g. "dedup batch"')
     ap.add_argument("--format", default="dynamo-msgpack",
                     choices=["dynamo-msgpack", "dynamo-json", "jsonl"])
     ap.add_argument("--rate", type=float, default=0.0, help="pace at this many events/s")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="suite: one run per scaling point and a 100k-block index")
     ap.add_argument("--profile", metavar="FILE", default="",
                     help="with --only: sample the relay with py-spy into FILE (folded stacks; "
                          "summarise with benchmarks/profile_summary.py FILE)")
     args = ap.parse_args()
     if not args.only:
-        compare(args.repeat, args.events)
+        suite(args.repeat, args.events, args.quick)
         return
+    if args.only == "dynamo" and not dynamo_available():
+        raise SystemExit("ai-dynamo-runtime is not installed (pip install ai-dynamo-runtime)")
     r = run_once(args.only, args.events_per_message, args.blocks_per_event, args.events,
-                 args.format, args.transforms, args.rate, args.profile)
+                 args.format, args.transforms, args.rate, args.profile, args.engines,
+                 args.workers)
     path = " -> ".join(["ZMQ", *args.transforms.split(), "NATS"])
     print(f"{args.only} {path} ({args.format}, {args.events_per_message} events/message, "
-          f"{args.blocks_per_event} blocks/event): {r['events_s']:,.0f} events/s "
-          f"({r['blocks_s']:,.0f} blocks/s), CPU {r['cpu']:.0f}%, peak RSS {r['rss_mb']:.0f} "
-          f"MB, lost {r['lost']}"
-          + (f", latency p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms" if args.rate else ""))
+          f"{args.blocks_per_event} blocks/event, {args.engines} engine(s), {args.workers} "
+          f"worker(s)): {r['events_s']:,.0f} events/s ({r['blocks_s']:,.0f} blocks/s), CPU "
+          f"{r['cpu']:.0f}%, peak RSS {r['rss_mb']:.0f} MB, lost {r['lost']}"
+          + (f", latency p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms p999 {r['p999']:.2f} ms"
+             if args.rate else ""))
 
 
 if __name__ == "__main__":

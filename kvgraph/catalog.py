@@ -11,7 +11,7 @@ import textwrap
 from typing import Any
 
 from . import registry
-from .node import JsonSchema, NodeType
+from .node import JsonSchema, Kind, NodeType
 
 
 def type_text(s: JsonSchema) -> str:
@@ -58,7 +58,8 @@ def describe(t: type[NodeType]) -> str:
     if doc:
         out += ["", doc]
     out += ["", f"ports: in: {', '.join(t.input_ports()) or '-'}; "
-                f"out: {', '.join(t.output_ports())}", "", "options:"]
+                f"out: {', '.join(t.output_ports())}", "", f"run --workers: {_workers_text(t)}",
+            "", "options:"]
     if not t.options:
         out.append("  (none)")
     for name, s in t.options.items():
@@ -75,6 +76,14 @@ def describe(t: type[NodeType]) -> str:
         out.append(f'  kind = "{t.kind}"   # needed only when the edges do not make it clear')
     out += [f"  {line}" for line in t.example.splitlines()]
     return "\n".join(out)
+
+
+def _workers_text(t: type[NodeType]) -> str:
+    if t.kind is Kind.SOURCE:
+        return "each node runs whole in one worker process"
+    if t.replicable:
+        return "a copy runs in every worker process"
+    return "not possible (the graph must run in one process)"
 
 
 def markdown_catalog() -> str:

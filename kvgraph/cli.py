@@ -122,19 +122,95 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .diagnostics import render_text
     from .validate import validate_file
 
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: give 1 or more")
     r = validate_file(args.file)
-    if r.diagnostics:
+    if r.diagnostics and not (args.shard and r.graph is not None):  # workers: said once
         print(render_text(r.diagnostics, _colour(sys.stderr)), file=sys.stderr)
     if r.graph is None or (args.strict and r.warnings):
         print(f"{r.file}: invalid; not starting (`kvgraph validate {r.file}` for details)",
               file=sys.stderr)
         return 1
+    graph = r.graph
+    prefix = ""
+    if args.shard:
+        from .graph import shard, worker_plan
+
+        index, count = _parse_shard(args.shard)
+        graph = shard(graph, worker_plan(graph, count)[index])
+        prefix = f"[worker {index}/{count}] "
+    elif args.workers > 1:
+        from .graph import worker_plan
+
+        return _supervise(args, worker_plan(graph, args.workers))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+                        format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
     status = args.status
     if status == "auto":
         status = "tty" if sys.stderr.isatty() else "log"
-    return asyncio.run(_run(r.graph, args, status))
+    return asyncio.run(_run(graph, args, status, prefix))
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected I/N, e.g. 0/2") from None
+    if not 0 <= index < count:
+        raise UsageError(f"--shard {text!r}: I must be in 0..N-1")
+    return index, count
+
+
+def _supervise(args: argparse.Namespace, plan: list[list[str]]) -> int:
+    """``run --workers N``: run each part of the graph in its own ``kvgraph run`` process.
+
+    The processes share nothing, so N of them use up to N cores: each worker runs its share
+    of the source nodes and its own copy of every other node (its own NATS connection, say).
+    A signal is passed on to every worker (the first drains, a second aborts). If a worker
+    fails, the others are stopped (drained) and the exit code is the failure's, so that a
+    supervisor restarts the whole relay rather than leave some engines unserved."""
+    import signal
+    import subprocess
+
+    count = len(plan)
+    status = "log" if args.status in ("auto", "tty") else args.status
+    procs = []
+    for i, sources in enumerate(plan):
+        cmd = [sys.executable, "-m", "kvgraph", "run", args.file, "--shard", f"{i}/{count}",
+               "--status", status, "--status-interval", str(args.status_interval),
+               "--log-level", args.log_level]
+        if args.strict:
+            cmd.append("--strict")
+        if args.metrics_port is not None:
+            port = args.metrics_port + i if args.metrics_port else 0
+            cmd += ["--metrics-port", str(port), "--metrics-host", args.metrics_host]
+        if args.report:
+            path = Path(args.report)
+            cmd += ["--report", str(path.with_name(f"{path.stem}.worker{i}{path.suffix}"))]
+        print(f"kvgraph run: worker {i}/{count}: {', '.join(sources)}", file=sys.stderr)
+        procs.append(subprocess.Popen(cmd))
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = 0
+    running = {p.pid: p for p in procs}
+    while running:
+        pid, raw = os.wait()
+        p = running.pop(pid, None)
+        if p is None:
+            continue
+        p.returncode = os.waitstatus_to_exitcode(raw)
+        if p.returncode and not code:
+            code = p.returncode if p.returncode > 0 else 1
+            print(f"kvgraph run: worker {procs.index(p)}/{count} exited with "
+                  f"{p.returncode}; stopping the others", file=sys.stderr)
+            forward(signal.SIGTERM, None)
+    return code
 
 
 def _tune_gc() -> None:
@@ -154,7 +230,8 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str) -> int:
+async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
+               prefix: str = "") -> int:
     import asyncio
     import logging
     import signal
@@ -202,7 +279,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str) -> in
             server.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    print(totals(rt, result), file=sys.stderr)
+    print(prefix + totals(rt, result), file=sys.stderr)
     if args.report:
         import dataclasses
 
@@ -257,7 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.add_argument("--strict", action="store_true", help="refuse to run with warnings")
     r.add_argument("--report", metavar="PATH",
-                   help="write the final totals as JSON here (for scripts and tests)")
+                   help="write the final totals as JSON here (for scripts and tests); with "
+                        "--workers, one file per worker: NAME.workerI.json")
+    r.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run the graph in N processes: the source nodes are shared out "
+                        "round-robin, every other node is copied (its type must allow it); "
+                        "--metrics-port P serves worker I on P+I")
+    r.add_argument("--shard", metavar="I/N", help=argparse.SUPPRESS)  # one worker's part
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("schema", help="print the JSON Schema of graph files")

@@ -169,3 +169,36 @@ def _check_cycles(nodes: dict[str, Kind], edges: list[Edge], report: Report) -> 
         closing = next(e for e in edges if e.src == cycle[-1] and e.dst == cycle[0])
         report(("edges", closing.index), f"cycle: {chain}",
                "a graph must be acyclic; remove one edge of the chain", "error")
+
+
+# -- worker processes (kvgraph run --workers N) ---------------------------------------------
+
+def worker_plan(graph: Graph, count: int) -> list[list[str]]:
+    """Which source nodes each of ``count`` worker processes runs: round-robin in the file's
+    order. Every other node runs as a copy in every worker, so each must be ``replicable``.
+
+    The unit is a source node because the order that matters is per engine (worker_id), and a
+    source node reads its engines on one socket: all of an engine's events then stay in one
+    process, in order. Raises UsageError, naming every node that prevents the split."""
+    from .errors import UsageError
+
+    sources = [nid for nid, n in graph.nodes.items() if n.kind is Kind.SOURCE]
+    problems = [f"{n.kind} {nid!r} ({n.type.name}) cannot run in several processes"
+                for nid, n in graph.nodes.items()
+                if n.kind is not Kind.SOURCE and not n.type.replicable]
+    if count > len(sources):
+        problems.append(f"--workers {count} needs at least {count} source nodes (one engine "
+                        f"or more each); the graph has {len(sources)}")
+    if problems:
+        raise UsageError("cannot split this graph into worker processes:\n  "
+                         + "\n  ".join(problems) + "\n(`kvgraph nodes TYPE` says which types "
+                         "can; run such a graph without --workers)")
+    return [sources[i::count] for i in range(count)]
+
+
+def shard(graph: Graph, sources: Sequence[str]) -> Graph:
+    """The part of ``graph`` one worker runs: the given sources, and every other node."""
+    keep = {nid: n for nid, n in graph.nodes.items()
+            if n.kind is not Kind.SOURCE or nid in sources}
+    return Graph(graph.name, keep, [e for e in graph.edges if e.src in keep],
+                 graph.description, graph.path)

@@ -101,6 +101,11 @@ class NodeType:
     example: ClassVar[str] = ""
     #: Hidden types (test helpers) run, but stay out of the catalog and the schemas.
     hidden: ClassVar[bool] = False
+    #: With ``kvgraph run --workers N``, each source node runs whole in one worker process,
+    #: and every other node runs as a copy in every worker. A transform or sink may be copied
+    #: when its state is per engine (worker_id) and it holds nothing exclusive: not a file it
+    #: writes, a port it binds, or an index it serves. Such types set this to True.
+    replicable: ClassVar[bool] = False
 
     @classmethod
     def output_ports(cls) -> tuple[str, ...]:

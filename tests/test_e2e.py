@@ -745,3 +745,80 @@ to = "out"
     assert end == [b"", b"", b"\xff" * 8, b""]
     assert [int.from_bytes(m[2], "big") for m in body] == list(range(len(body)))
     assert all(m[1] == b"kv@relay@model" for m in body)
+
+
+# -- kvgraph run --workers N ------------------------------------------------------------------
+
+def test_workers_split_engines_across_processes_keeping_each_engines_order(
+        tmp_path: Path, nats_url: str) -> None:
+    """Three engines, two worker processes: every event arrives once, each engine's events in
+    order with contiguous event ids, from two publishers (one per process)."""
+    from kvgraph.codecs.vllm import encode_payload
+    from kvgraph.event import Event
+
+    engines = {wid: ZmqPublisher(f"ipc://{tmp_path}/e{wid}") for wid in (1, 2, 3)}
+    nodes = "".join(f'[nodes.engine{w}]\ntype = "zmq"\nendpoint = "{e.endpoint}"\n'
+                    f'worker_id = {w}\n[[edges]]\nfrom = "engine{w}"\nto = "dedup"\n'
+                    for w, e in engines.items())
+    graph = tmp_path / "workers.toml"
+    graph.write_text(f'[graph]\nname = "workers"\n{nodes}[nodes.dedup]\ntype = "dedup"\n'
+                     f'[nodes.bus]\ntype = "nats"\nurl = "{nats_url}"\nsubject = "w"\n'
+                     f'block_size = 4\n[[edges]]\nfrom = "dedup"\nto = "bus"\n')
+    batches, per_batch = 30, 5
+
+    async def go():
+        nc, bodies = await subscribe(nats_url, "w")
+        proc = kvgraph_run(graph, "--workers", "2", "--report", str(tmp_path / "r.json"))
+        try:
+            for e in engines.values():
+                await asyncio.to_thread(e.wait_subscribed)
+            h = 1
+            for seq in range(batches):
+                for e in engines.values():  # interleaved, as live engines would be
+                    evs = [Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=[h + i],
+                                 parent_hash=h + i - 1 if seq or i else None,
+                                 token_ids=[1, 2, 3, 4], block_size=4)
+                           for i in range(per_batch)]
+                    e.send([b"", seq.to_bytes(8, "big"), encode_payload(evs, 1.0)])
+                h += per_batch
+            await wait_for(lambda: sum(len(msgspec.msgpack.decode(
+                msgspec.msgpack.decode(b)["payload"])) for b in bodies)
+                >= 3 * batches * per_batch, timeout=30)
+            code, err = await asyncio.to_thread(stop, proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        await nc.close()
+        return code, err, bodies
+
+    code, err, bodies = asyncio.run(go())
+    for e in engines.values():
+        e.close()
+    assert code == 0, err
+    assert "worker 0/2: engine1, engine3" in err and "worker 1/2: engine2" in err
+    publishers, per_worker = set(), {}
+    for body in bodies:
+        env = msgspec.msgpack.decode(body)
+        publishers.add(env["publisher_id"])
+        for r in msgspec.msgpack.decode(env["payload"]):
+            per_worker.setdefault(r["worker_id"], []).append(
+                (r["event"]["event_id"], r["event"]["data"]["stored"]["blocks"][0]["block_hash"]))
+    assert len(publishers) == 2
+    n = batches * per_batch
+    for wid in (1, 2, 3):
+        assert per_worker[wid] == [(i + 1, i + 1) for i in range(n)], wid
+    reports = [json.loads((tmp_path / f"r.worker{i}.json").read_text()) for i in (0, 1)]
+    assert set(reports[0]["metrics"]) == {"engine1", "engine3", "dedup", "bus"}
+    assert set(reports[1]["metrics"]) == {"engine2", "dedup", "bus"}
+    assert all(r["ok"] and r["lost_events"] == 0 for r in reports)
+
+
+def test_workers_refuse_a_graph_that_cannot_be_split(tmp_path: Path) -> None:
+    graph = tmp_path / "one.toml"
+    graph.write_text('[graph]\nname = "one"\n[nodes.a]\ntype = "synthetic"\n'
+                     '[nodes.idx]\ntype = "index"\n[[edges]]\nfrom = "a"\nto = "idx"\n')
+    proc = subprocess.run([sys.executable, "-m", "kvgraph", "run", str(graph), "--workers",
+                           "2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "sink 'idx' (index) cannot run in several processes" in proc.stderr
+    assert "--workers 2 needs at least 2 source nodes" in proc.stderr

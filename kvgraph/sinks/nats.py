@@ -30,6 +30,8 @@ _FIELD = re.compile(r"\{([^{}]*)\}")
 class NatsSink(NatsProbe, Sink):
     name = "nats"
     summary = "Publish events to NATS in Dynamo's formats or kvgraph JSONL."
+    # With --workers, every worker has its own connection and Dynamo publisher id.
+    replicable = True
     options = {
         **CONNECTION_OPTIONS,
         "subject": string("Subject template; may use {worker_id} and {dp_rank}.", min_length=1,

@@ -12,6 +12,7 @@ from ..registry import register
 class NullSink(Sink):
     name = "null"
     summary = "Discard events (counted as delivered)."
+    replicable = True
 
     async def write(self, batch: list[Any]) -> None:
         pass

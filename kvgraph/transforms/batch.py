@@ -29,6 +29,7 @@ _STORE_SAME = ("medium", "lora_name", "lora_id", "cache_salt", "block_size", "gr
 class Batch(Transform):
     name = "batch"
     summary = "Merge adjacent stores (same chain) and removes into larger events."
+    replicable = True
     options = {
         "max_events": integer("Most input events merged into one output event.", 128,
                               minimum=1),

@@ -18,6 +18,7 @@ from ..registry import register
 class Dedup(Transform):
     name = "dedup"
     summary = "Reference-counted store/remove filter, per worker and DP rank."
+    replicable = True
     # A remove event whose hashes are partly still referenced passes with only the hashes
     # whose count reached zero; a remove that keeps none is discarded (intentionally).
     options = {

@@ -22,6 +22,7 @@ PREDICATES = ("kinds", "medium", "group_idx", "kv_cache_spec_kind", "worker_id",
 class Filter(Transform):
     name = "filter"
     summary = "Keep events by kind, medium, group, worker, DP rank or LoRA."
+    replicable = True
     options = {
         "kinds": array("Event kinds to keep.",
                        string("", enum=["stored", "removed", "cleared"]), min_items=1,

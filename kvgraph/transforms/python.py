@@ -28,6 +28,8 @@ _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 class Python(Transform):
     name = "python"
     summary = "Apply a user function `module:function` to every batch."
+    # With --workers, the function runs in every worker; what it keeps is per process.
+    replicable = True
     options = {
         "function": string("`module:function` to call with each batch (a list of events).",
                            pattern=_TARGET.pattern, examples=["mypkg.kv:drop_cpu"]),
