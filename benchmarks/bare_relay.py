@@ -34,16 +34,18 @@ async def main(endpoint: str, url: str, subject: str) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     _tune_gc()
-    recv, more, rcvmore = sock.recv, sock.get, int(zmq.RCVMORE)
+    recv = sock.recv
     while not stop.is_set():
         routers = []
         while len(routers) < 1024:
             try:
-                frames = [recv(zmq.NOBLOCK)]
+                frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            while more(rcvmore):
-                frames.append(recv(zmq.NOBLOCK))
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(zmq.NOBLOCK, copy=False)
+                frames.append(frame.bytes)
             _, seq, payload = split_frames(frames)
             for e in decode_payload(payload, 0, seq)[2]:
                 hashes = dynamo.block_hashes_for(e, 16) if e.kind == "stored" else None

@@ -91,15 +91,14 @@ _TIER_OF: dict[str | None, str] = {None: "device", **TIERS}  # the media seen so
 class EventIds:
     """event_id: contiguous per (worker_id, dp_rank), from 1. Only emitted events take one."""
 
-    __slots__ = ("_last",)
+    __slots__ = ("last",)
 
     def __init__(self) -> None:
-        self._last: dict[tuple[int, int], int] = {}
+        self.last: dict[tuple[int, int], int] = {}  # the last id given, per (worker, rank)
 
     def next(self, worker_id: int, dp_rank: int) -> int:
         key = (worker_id, dp_rank)
-        n = self._last.get(key, 0) + 1
-        self._last[key] = n
+        n = self.last[key] = self.last.get(key, 0) + 1
         return n
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 import xxhash
 
 from ..errors import NodeFailure
-from ..event import Event
+from ..event import STORED, Event
 from ..node import CheckContext, Sink, Problem, boolean, integer, number, string
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
 from ..registry import register
@@ -152,43 +152,58 @@ class NatsSink(NatsProbe, Sink):
                 out.append((subject, self._jsonl.encode_lines(chunk), len(chunk)))
         return out, []
 
-    def _router_events(self, batch: list[Any]) -> tuple[list[tuple[Event, Any]], list[Any]]:
-        """RouterEvents for the events that convert; error records for the rest. Ids are
-        taken only by events that are sent, so they stay contiguous."""
+    def _router_events(self, batch: list[Any]) -> tuple[list[Any], list[Event], list[Any]]:
+        """RouterEvents for the events that convert (and those events, when the subject
+        depends on them); error records for the rest. Ids are taken only by events that are
+        sent, so they stay contiguous. This loop runs once per event: it keeps to locals."""
         dynamo, bs, full = self._dynamo, self.config["block_size"], self.config["storage_tier"]
-        ok, bad = [], []
+        hashes_for, router_event, failed = (dynamo.block_hashes_for, dynamo.router_event,
+                                            dynamo.ConversionError)
+        last_id = self._ids.last
+        keep = self._templated
+        routers: list[Any] = []
+        sent: list[Event] = []
+        bad: list[Any] = []
         for e in batch:
-            if not isinstance(e, Event):
+            if type(e) is not Event and not isinstance(e, Event):
                 bad.append(self.ctx.rejected("not an event (an error record cannot be sent in "
                                              "a Dynamo format; use format = \"jsonl\")"))
                 continue
             try:  # computed (and checked) before an event id is taken
-                hashes = dynamo.block_hashes_for(e, bs) if e.kind == "stored" else None
-            except dynamo.ConversionError as exc:
+                hashes = hashes_for(e, bs) if e.kind == STORED else None
+            except failed as exc:
                 bad.append(self.ctx.rejected(str(exc), e))
                 continue
-            ok.append((e, dynamo.router_event(e, self._ids.next(e.worker_id, e.dp_rank), bs,
-                                              full, hashes)))
-        return ok, bad
+            key = (e.worker_id, e.dp_rank)
+            event_id = last_id[key] = last_id.get(key, 0) + 1
+            routers.append(router_event(e, event_id, bs, full, hashes))
+            if keep:
+                sent.append(e)
+        return routers, sent, bad
 
     def _encode_dynamo_json(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
                                                              list[Any]]:
-        ok, bad = self._router_events(batch)
+        routers, sent, bad = self._router_events(batch)
         enc = self._dynamo.encode_json
-        return [(self._subject_of(e), enc(r), 1) for e, r in ok], bad
+        if not self._templated:
+            return [(self._subject, enc(r), 1) for r in routers], bad
+        return [(self._subject_of(e), enc(r), 1) for e, r in zip(sent, routers)], bad
 
     def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
                                                                 list[Any]]:
-        ok, bad = self._router_events(batch)
+        routers, sent, bad = self._router_events(batch)
         n = self._per_message
         now_ms = int(time.time() * 1000)
-        groups: dict[str, list[Any]] = {}
-        for e, r in ok:
-            groups.setdefault(self._subject_of(e), []).append(r)
+        if self._templated:
+            groups: dict[str, list[Any]] = {}
+            for e, r in zip(sent, routers):
+                groups.setdefault(self._subject_of(e), []).append(r)
+        else:
+            groups = {self._subject: routers}
         out = []
-        for subject, routers in groups.items():
-            for i in range(0, len(routers), n):
-                chunk = routers[i:i + n]
+        for subject, items in groups.items():
+            for i in range(0, len(items), n):
+                chunk = items[i:i + n]
                 out.append((subject, self._envelope.encode(chunk, now_ms), len(chunk)))
         return out, bad
 
