@@ -95,35 +95,58 @@ def probe_bind(endpoint: str) -> str | None:
 class Readable:
     """Await until any of some plain ZMQ sockets has a message, or a timeout passes.
 
-    ``zmq.asyncio`` does this with futures, a poller and callbacks per call; a relay that
-    waits a thousand times a second spent a tenth of its CPU there. This registers the
-    sockets' notification descriptors with the event loop only while waiting. ZMQ signals
-    those descriptors on a change, not a state, so the sockets' ``EVENTS`` are checked first,
-    and the caller's timeout bounds what a missed signal could cost."""
+    ``zmq.asyncio`` does this with futures, a poller and callbacks per call, and registers
+    the descriptors with the event loop on every wait; a relay that waits a thousand times a
+    second spent a tenth of its CPU there. This keeps the sockets' notification descriptors
+    registered from one wait to the next, and unregisters them only when they signal while
+    nobody waits (the relay is busy, or held back by a full channel): a descriptor that
+    stays readable would otherwise wake the event loop on every turn.
+
+    ZMQ signals those descriptors on a change, not a state, so the sockets' ``EVENTS`` are
+    checked before waiting, and the caller's timeout bounds what a missed signal could cost."""
 
     def __init__(self, sockets: list[Any]):
+        import asyncio
+
         import zmq
 
         self._sockets = sockets
         self._fds = [s.get(zmq.FD) for s in sockets]
         self._events, self._pollin = int(zmq.EVENTS), int(zmq.POLLIN)
+        self._loop = asyncio.get_running_loop()
+        self._waiter: Any = None
+        self._registered = False
+
+    def _signalled(self) -> None:
+        w = self._waiter
+        if w is None:
+            self._unregister()
+        elif not w.done():
+            w.set_result(None)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            for fd in self._fds:
+                self._loop.remove_reader(fd)
+            self._registered = False
 
     async def wait(self, timeout: float) -> None:
-        import asyncio
-
         from ..channel import resolve
 
         for s in self._sockets:
             if s.get(self._events) & self._pollin:
                 return
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        for fd in self._fds:
-            loop.add_reader(fd, resolve, fut)
-        timer = loop.call_later(timeout, resolve, fut)
+        if not self._registered:
+            for fd in self._fds:
+                self._loop.add_reader(fd, self._signalled)
+            self._registered = True
+        fut = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, resolve, fut)
         try:
             await fut
         finally:
+            self._waiter = None
             timer.cancel()
-            for fd in self._fds:
-                loop.remove_reader(fd)
+
+    def close(self) -> None:
+        self._unregister()

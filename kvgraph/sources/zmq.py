@@ -198,6 +198,8 @@ class ZmqSource(Source):
                 await self._readable.wait(0.01)
 
     async def stop(self) -> None:
+        if getattr(self, "_readable", None) is not None:
+            self._readable.close()
         for s in [getattr(self, "_sock", None), *getattr(self, "_dealers", {}).values()]:
             if s is not None:
                 s.close(0)
