@@ -397,6 +397,56 @@ def test_nats_outage_past_the_bound_counts_the_loss_exactly() -> None:
     assert rt.result().metrics["engine"]["discarded_unintentional"] == dropped
 
 
+def test_a_frozen_server_is_waited_for_not_mistaken_for_a_lost_connection() -> None:
+    """nats-server stopped (SIGSTOP) for longer than ack_timeout_s: the connection is still
+    up, so the sink keeps its events held and asks again; once the server runs again every
+    event arrives. (It used to wait for ever for a reconnect that never came.)"""
+    import signal
+
+    import nats
+
+    from kvgraph.testing import NatsServer
+
+    server = NatsServer().start()
+
+    async def go():
+        got: set[int] = set()
+        nc = await nats.connect(server.url)
+
+        async def received(msg) -> None:
+            got.add(json.loads(msg.data)["block_hashes"][0])
+
+        await nc.subscribe("outage.events", cb=received)
+        await nc.flush()
+        graph = OUTAGE.format(url=server.url, bound=1000, when_full="block")
+        graph = graph.replace('format = "jsonl"', 'format = "jsonl"\nack_timeout_s = 0.2')
+        async with run_text(graph) as rt:
+            pub = rt.publisher("engine")
+            bus = rt.contexts["bus"].metrics
+            for i in range(20):
+                pub.publish_stored([i], 1, [i + 1])
+            await wait_for(lambda: bus.events_out == 20)
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                for i in range(20, 60):
+                    pub.publish_stored([i], 1, [i + 1])
+                await wait_for(lambda: bus.extra.get("confirm_timeouts", 0) >= 2)
+                assert rt.nodes["bus"]._up.is_set() and bus.events_out == 20
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            await wait_for(lambda: bus.events_out == 60, timeout=30)
+            await wait_for(lambda: len(got) == 60)
+        await nc.close()
+        return got, rt
+
+    try:
+        got, rt = asyncio.run(go())
+    finally:
+        server.close()
+    assert got == set(range(1, 61))
+    assert rt.result().lost_events == 0 and rt.result().metrics["bus"]["disconnects"] == 0
+
+
 # -- the process side: SIGKILL with JetStream input ------------------------------------------------
 
 def test_sigkill_with_jetstream_input_loses_nothing_and_dedup_ids_prevent_copies(tmp_path) -> None:

@@ -97,6 +97,10 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
         # (nats-py treats 0 as "for ever" too, so the bound is at least 1 retry)
         "max_reconnect_attempts": config["connect_attempts"],
         "allow_reconnect": True,
+        # A server that stops answering without closing the connection is declared gone
+        # after 3 unanswered pings 20 s apart (nats-py's default: 2 of 120 s, 4 minutes).
+        "ping_interval": 20,
+        "max_outstanding_pings": 3,
     }
     if "user" in config:
         opts["user"], opts["password"] = config["user"], config.get("password")

@@ -112,7 +112,7 @@ class NatsSink(NatsProbe, Sink):
         self._held_events = self._held_bytes = 0
         self._sent = 0  # how many of _unconfirmed went out on the current connection
         self._msg_seq = 0
-        for name in ("resent_messages", "held_events"):
+        for name in ("resent_messages", "held_events", "confirm_timeouts"):
             self.metrics.extra.setdefault(name, 0)
         self.js = None
         if c["jetstream"]:
@@ -318,6 +318,16 @@ class NatsSink(NatsProbe, Sink):
             except Exception as exc:
                 if self.nc.is_closed:
                     raise NodeFailure(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
+                if self.nc.is_connected:
+                    # A slow or frozen server, not a lost connection (that calls the
+                    # disconnect callback): keep what was sent held, and ask again. Clearing
+                    # _up here would wait for a reconnect that never comes.
+                    self.metrics.add("confirm_timeouts")
+                    self.log.problem("confirm-timeout", "NATS has not confirmed %d held "
+                                     "event(s) within %ss (%s); still waiting",
+                                     self._held_events, self.config["ack_timeout_s"],
+                                     type(exc).__name__)
+                    continue
                 self._up.clear()  # the reconnect callback sets it again
                 continue
             if not self._up.is_set():
