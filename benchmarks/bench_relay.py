@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -116,6 +117,34 @@ def _rss_peak(pids: list[int]) -> int:
     return total
 
 
+def _rss_now(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _stall(server: NatsServer, pid: int, t0: float, after_s: float, for_s: float,
+           trace: list[tuple[float, float]]) -> None:
+    """Freeze nats-server for a while; record the relay's RSS (MB) twice a second."""
+    assert server.proc is not None
+    stopped = resumed = False
+    while time.perf_counter() - t0 < after_s + for_s + 5:
+        t = time.perf_counter() - t0
+        if not stopped and t >= after_s:
+            server.proc.send_signal(signal.SIGSTOP)
+            stopped = True
+        if stopped and not resumed and t >= after_s + for_s:
+            server.proc.send_signal(signal.SIGCONT)
+            resumed = True
+        try:
+            trace.append((t, _rss_now(pid)))
+        except OSError:
+            return
+        time.sleep(0.5)
+
+
 def dynamo_available() -> bool:
     import importlib.util
 
@@ -127,7 +156,7 @@ SUBJECT = "bench.kv-events"
 
 
 def relay_cmd(relay: str, tmp: Path, ports: list[int], url: str, fmt: str, transforms: str,
-              workers: int) -> tuple[list[str], str]:
+              workers: int, source_opts: str = "", sink_opts: str = "") -> tuple[list[str], str]:
     """The relay's command line and the subject it publishes on."""
     ep = f"tcp://127.0.0.1:{ports[0]}"
     if relay == "baseline":
@@ -146,30 +175,37 @@ def relay_cmd(relay: str, tmp: Path, ports: list[int], url: str, fmt: str, trans
     text = ['[graph]\nname = "bench"\n']
     for i, port in enumerate(ports):
         text.append(f'[nodes.engine{i}]\ntype = "zmq"\nendpoint = "tcp://127.0.0.1:{port}"\n'
-                    f'worker_id = {i}\n[[edges]]\nfrom = "engine{i}"\nto = "{first}"\n')
+                    f'worker_id = {i}\n{source_opts}\n[[edges]]\nfrom = "engine{i}"\n'
+                    f'to = "{first}"\n')
     text += [f'[nodes.t{i}]\ntype = "{t}"\n' for i, t in enumerate(transforms.split())]
     text.append(f'[nodes.router]\ntype = "nats"\nurl = "{url}"\nsubject = "{SUBJECT}"\n'
-                f'format = "{fmt}"\n')
+                f'format = "{fmt}"\n{sink_opts}\n')
     text += [f'[[edges]]\nfrom = "{a}"\nto = "{b}"\n' for a, b in zip(chain, chain[1:])]
     graph = tmp / "relay.toml"
     graph.write_text("".join(text))
     return [sys.executable, "-m", "kvgraph", "run", str(graph), "--status", "off",
-            "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else [])], \
-        SUBJECT
+            "--log-level", "warning", "--report", str(tmp / "report.json"),
+            *(["--workers", str(workers)] if workers > 1 else [])], SUBJECT
 
 
 def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "dynamo-msgpack",
              transforms: str = "", rate: float = 0.0, profile: str = "", engines: int = 1,
-             workers: int = 1) -> dict[str, Any]:
+             workers: int = 1, stall: tuple[float, float] | None = None,
+             source_opts: str = "", sink_opts: str = "") -> dict[str, Any]:
     """One run: start nats-server and the relay, send ``total_events`` (split over
-    ``engines`` engines, round-robin), count what a NATS subscriber receives."""
+    ``engines`` engines, round-robin), count what a NATS subscriber receives (each event
+    once: a copy resent after an outage counts as a duplicate, not as delivered).
+
+    ``stall = (after_s, for_s)`` freezes nats-server (SIGSTOP) ``after_s`` into sending, for
+    ``for_s`` seconds, and samples the relay's RSS every half second meanwhile."""
     n_msgs = max(1, total_events // (per * engines))
     msgs = make_messages(n_msgs, per, blocks)
     total = n_msgs * per * engines
     server = NatsServer().start()
     ports = [free_port() for _ in range(engines)]
     tmp = Path(tempfile.mkdtemp(prefix="kvgraph-bench-"))
-    cmd, subject = relay_cmd(relay, tmp, ports, server.url, fmt, transforms, workers)
+    cmd, subject = relay_cmd(relay, tmp, ports, server.url, fmt, transforms, workers,
+                             source_opts, sink_opts)
     ctx = zmq.Context.instance()
     pubs = []
     for port in ports:
@@ -179,24 +215,29 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
         pubs.append(pub)
     sent_at = [0.0] * n_msgs
     received = [0]
+    seen: set[tuple[int, int]] = set()
+    copies = [0]
+    rss_trace: list[tuple[float, float]] = []
     last_recv = [0.0]
     latencies: list[float] = []
     done = threading.Event()
     ready = threading.Event()
     first_hash_per_msg = per * blocks
 
-    def count(body: bytes) -> list[int]:
-        """The first block hash of each event in a message."""
+    def count(body: bytes) -> list[tuple[int, int]]:
+        """(worker_id, first block hash) of each event in a message."""
         if fmt == "dynamo-msgpack":
             routers = msgspec.msgpack.decode(msgspec.msgpack.decode(body)["payload"])
         elif fmt == "dynamo-json":
             routers = [msgspec.json.decode(body)]
         else:
-            return [msgspec.json.decode(line)["block_hashes"][0] for line in body.splitlines()]
+            return [(d["worker_id"], d["block_hashes"][0])
+                    for d in map(msgspec.json.decode, body.splitlines())]
         firsts = []
         for r in routers:
             hashes = [b["block_hash"] for b in r["event"]["data"]["stored"]["blocks"]]
-            firsts += hashes[::blocks]  # a merged event stands for len/blocks events
+            w = r["worker_id"]
+            firsts += [(w, h) for h in hashes[::blocks]]  # a merged event: len/blocks events
         return firsts
 
     async def subscriber() -> None:
@@ -207,10 +248,14 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
         async def cb(msg: Any) -> None:
             now = time.perf_counter()
             firsts = count(msg.data)
-            received[0] += len(firsts)
+            n = len(seen)
+            seen.update(firsts)
+            copies[0] += len(firsts) - (len(seen) - n)
+            received[0] = len(seen)
             last_recv[0] = now
-            if rate:
-                latencies.extend(now - sent_at[(h - 1) // first_hash_per_msg] for h in firsts)
+            if rate and not stall:
+                latencies.extend(now - sent_at[(h - 1) // first_hash_per_msg]
+                                 for _, h in firsts)
             if received[0] >= total:
                 done.set()
 
@@ -237,6 +282,9 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
         pids = _tree(relay_proc.pid)
         cpu0 = _cpu(pids)
         t0 = time.perf_counter()
+        if stall:
+            threading.Thread(target=_stall, args=(server, relay_proc.pid, t0, *stall,
+                                                  rss_trace), daemon=True).start()
         interval = per / rate if rate else 0.0
         for i, payload in enumerate(msgs):
             if interval:  # sleep, not spin: the subscriber thread needs the GIL to timestamp
@@ -260,6 +308,8 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
             pub.close()
         server.close()
     latencies.sort()
+    report = tmp / "report.json"
+    metrics = json.loads(report.read_text())["metrics"] if report.exists() else {}
 
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 \
@@ -268,7 +318,8 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
     return {"relay": relay, "per": per, "blocks": blocks, "engines": engines,
             "workers": workers, "events_s": received[0] / elapsed,
             "blocks_s": received[0] * blocks / elapsed, "cpu": 100 * cpu / elapsed,
-            "rss_mb": rss / 2**20, "lost": total - received[0],
+            "rss_mb": rss / 2**20, "lost": total - received[0], "copies": copies[0],
+            "rss_trace": rss_trace, "metrics": metrics,
             "p50": pct(0.5), "p99": pct(0.99), "p999": pct(0.999)}
 
 
@@ -352,7 +403,19 @@ def suite(repeat: int, total: int, quick: bool = False) -> None:
                   f"events/s  CPU {_median(rs, 'cpu'):.0f}%  peak RSS "
                   f"{max(r['rss_mb'] for r in rs):.0f} MB  lost {sum(r['lost'] for r in rs)}")
 
-    print("\n4. The index sink's apply path at 1M blocks (tokens_hash + store, in-process)")
+    print("\n4. Memory with a stalled sink: nats-server frozen (SIGSTOP) for 20 s while the "
+          "engine sends a paced 10k events/s; small bounds (zmq hwm = 2000 messages, nats "
+          "max_pending_events = 20000) so that they fill within the run")
+    st = run_once("kvgraph", 16, 4, 300_000, rate=10_000, stall=(3.0, 20.0),
+                  source_opts="hwm = 2000", sink_opts="max_pending_events = 20000")
+    trace = st["rss_trace"]
+    marks = [trace[min(len(trace) - 1, int(t * 2))] for t in (2, 5, 8, 11, 14, 17, 20, 23, 26)]
+    counted = st["metrics"].get("engine0", {}).get("seq_missing", 0) * 16
+    print("  kvgraph RSS: " + ", ".join(f"{mb:.0f} MB at {t:.0f} s" for t, mb in marks))
+    print(f"  after it resumed: {st['lost']} events did not arrive; the relay counted "
+          f"{counted} missing (seq gaps x 16 events/message); resent copies {st['copies']}")
+
+    print("\n5. The index sink's apply path at 1M blocks (tokens_hash + store, in-process)")
     from bench_index import measure
 
     ix = measure(100_000 if quick else 1_000_000)
