@@ -27,13 +27,13 @@ from kvgraph.proto.zmq import Readable
 
 
 async def main(endpoint: str, url: str, subject: str) -> None:
+    _tune_gc()  # first, as kvgraph run does: its full collection must not delay any event
     nc = await nats.connect(url)
     sock = engine_socket(endpoint)
     readable = Readable([sock])
     ids, envelope = dynamo.EventIds(), dynamo.EnvelopeWriter()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    _tune_gc()
     recv = sock.recv
     while not stop.is_set():
         routers = []

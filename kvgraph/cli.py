@@ -241,8 +241,8 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
 
     log = logging.getLogger("kvgraph")
     rt = Runtime(graph)
+    _tune_gc()  # before start: its full collection must not delay the first events
     await rt.start()
-    _tune_gc()
     loop = asyncio.get_running_loop()
     signals = 0
     abort_task: list[asyncio.Task[int]] = []

@@ -174,3 +174,20 @@ def test_json_format(cli) -> None:
 def test_colour_only_on_a_terminal(cli) -> None:
     _, out, _ = cli("validate", str(TEST_GRAPHS / "bad" / "cycle.toml"))
     assert "\x1b[" not in out
+
+
+def test_worker_plan_shares_out_sources_and_copies_the_rest() -> None:
+    from kvgraph.graph import shard, worker_plan
+    from kvgraph.validate import validate_file
+
+    from .helpers import GRAPHS
+
+    g = validate_file(str(GRAPHS / "fleet-to-dynamo.toml")).graph
+    assert g is not None
+    plan = worker_plan(g, 2)
+    assert plan == [["engine0", "engine2"], ["engine1", "engine3"]]
+    part = shard(g, plan[1])
+    assert set(part.nodes) == {"engine1", "engine3", "gpu_main", "dedup", "router"}
+    assert {(e.src, e.dst) for e in part.edges} == {
+        ("engine1", "gpu_main"), ("engine3", "gpu_main"), ("gpu_main", "dedup"),
+        ("dedup", "router")}
