@@ -23,7 +23,7 @@ NODE_ID_PATTERN = r"^[a-z][a-z0-9_]*$"
 GRAPH_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 PORT_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
 DEFAULT_CAPACITY = 1024
-DEFAULT_CAPACITY_EVENTS = 16384
+DEFAULT_CAPACITY_EVENTS = 4096
 WHEN_FULL = ["block", "drop_newest", "drop_oldest"]
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
