@@ -153,6 +153,7 @@ def dynamo_available() -> bool:
 
 
 SUBJECT = "bench.kv-events"
+PIN = (os.cpu_count() or 1) >= 2  # --no-pin turns it off
 
 
 def relay_cmd(relay: str, tmp: Path, ports: list[int], url: str, fmt: str, transforms: str,
@@ -191,13 +192,21 @@ def relay_cmd(relay: str, tmp: Path, ports: list[int], url: str, fmt: str, trans
 def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "dynamo-msgpack",
              transforms: str = "", rate: float = 0.0, profile: str = "", engines: int = 1,
              workers: int = 1, stall: tuple[float, float] | None = None,
-             source_opts: str = "", sink_opts: str = "") -> dict[str, Any]:
+             source_opts: str = "", sink_opts: str = "", pin: bool | None = None
+             ) -> dict[str, Any]:
     """One run: start nats-server and the relay, send ``total_events`` (split over
     ``engines`` engines, round-robin), count what a NATS subscriber receives (each event
     once: a copy resent after an outage counts as a duplicate, not as delivered).
 
+    ``pin``: the relay runs alone on core 1 and everything else on core 0 (not with
+    ``workers`` > 1, which needs both cores): each relay gets the same core to itself, which
+    cut the run-to-run spread of a relay's throughput here from about ±30% to about ±8%.
+
     ``stall = (after_s, for_s)`` freezes nats-server (SIGSTOP) ``after_s`` into sending, for
     ``for_s`` seconds, and samples the relay's RSS every half second meanwhile."""
+    # Threads and processes started from here on inherit this thread's cores.
+    pinned = (PIN if pin is None else pin) and workers == 1
+    os.sched_setaffinity(0, {0} if pinned else set(range(os.cpu_count() or 1)))
     n_msgs = max(1, total_events // (per * engines))
     msgs = make_messages(n_msgs, per, blocks)
     total = n_msgs * per * engines
@@ -273,6 +282,8 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
     if profile:  # py-spy samples the relay; its folded stacks go to the file named
         cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "-o", profile, "--",
                *cmd]
+    if pinned:
+        cmd = ["taskset", "-c", "1", *cmd]
     relay_proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         for pub in pubs:
@@ -343,7 +354,9 @@ def suite(repeat: int, total: int, quick: bool = False) -> None:
     started = time.time()
     print(f"kvgraph benchmark suite, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}; medians of {repeat} "
-          f"runs, relays run back to back so that ratios are pair by pair")
+          f"runs, relays run back to back so that ratios are pair by pair; "
+          + ("each relay alone on core 1, nats-server, engine and subscriber on core 0"
+             if PIN else "everything sharing all cores (--no-pin)"))
     if "dynamo" not in relays:
         print("Dynamo 1.6.1 relay: skipped (ai-dynamo-runtime is not installed: "
               "pip install ai-dynamo-runtime to include it); the targets column holds the "
@@ -443,7 +456,12 @@ def main() -> None:
     ap.add_argument("--profile", metavar="FILE", default="",
                     help="with --only: sample the relay with py-spy into FILE (folded stacks; "
                          "summarise with benchmarks/profile_summary.py FILE)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let the relay share both cores with nats-server and the benchmark "
+                         "instead of having core 1 to itself")
     args = ap.parse_args()
+    global PIN
+    PIN = PIN and not args.no_pin
     if not args.only:
         suite(args.repeat, args.events, args.quick)
         return
