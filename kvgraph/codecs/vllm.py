@@ -16,7 +16,7 @@ byte. See ``shared/specs/kv-events-wire.md``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 import msgspec
 
@@ -32,14 +32,18 @@ class DecodeError(ValueError):
 
 # -- the wire structs (one set per encoding; field order is wire order) ------------------------
 #
-# Token ids are plain ints except in SGLang's EAGLE mode (pairs). A decoder typed ``list[int]``
-# is a fifth faster than one typed ``list[int | list[int]]``, so each encoding has both, and the
-# general one is tried only when the fast one fails.
+# Each encoding has a fast decoder and a general one, tried only when the fast one fails. The
+# fast one takes what engines send almost always: token ids that are plain ints (not SGLang
+# EAGLE's pairs) and hashes that are non-negative ints (not bytes, nor negative). It is a fifth
+# faster, and its hashes need no normalising afterwards.
 
-def _stored_fields(tokens: Any) -> list[tuple[Any, ...]]:
+_U64 = Annotated[int, msgspec.Meta(ge=0)]
+
+
+def _stored_fields(tokens: Any, hash_t: Any = Hash) -> list[tuple[Any, ...]]:
     return [
-        ("block_hashes", list[Hash]),
-        ("parent_block_hash", Optional[Hash], None),
+        ("block_hashes", list[hash_t]),  # type: ignore[valid-type]
+        ("parent_block_hash", Optional[hash_t], None),
         ("token_ids", tokens, []),
         ("block_size", Optional[int], None),
         ("lora_id", Optional[int], None),
@@ -56,28 +60,32 @@ def _stored_fields(tokens: Any) -> list[tuple[Any, ...]]:
     ]
 
 
-_REMOVED_FIELDS: list[tuple[Any, ...]] = [
-    ("block_hashes", list[Hash]),
-    ("medium", Optional[str], None),
-    ("group_idx", Optional[int], None),
-    ("locality", Optional[str], None),
-    ("ownership", Optional[str], None),
-]
+def _removed_fields(hash_t: Any = Hash) -> list[tuple[Any, ...]]:
+    return [
+        ("block_hashes", list[hash_t]),  # type: ignore[valid-type]
+        ("medium", Optional[str], None),
+        ("group_idx", Optional[int], None),
+        ("locality", Optional[str], None),
+        ("ownership", Optional[str], None),
+    ]
 
 
-def _encoding(array: bool, tokens: Any) -> tuple[type, type, type]:
+def _encoding(array: bool, general: bool) -> tuple[type, type, type]:
     """The (stored, removed, cleared) structs of one encoding: tagged arrays or tagged maps."""
     kw: dict[str, Any] = {"array_like": True} if array else {"tag_field": "type"}
-    return (msgspec.defstruct("BlockStored", _stored_fields(tokens), tag="BlockStored", **kw),
-            msgspec.defstruct("BlockRemoved", _REMOVED_FIELDS, tag="BlockRemoved", **kw),
+    tokens, hash_t = (_PAIRS, Hash) if general else (list[int], _U64)
+    return (msgspec.defstruct("BlockStored", _stored_fields(tokens, hash_t), tag="BlockStored",
+                              **kw),
+            msgspec.defstruct("BlockRemoved", _removed_fields(hash_t), tag="BlockRemoved", **kw),
             msgspec.defstruct("AllBlocksCleared", [], tag="AllBlocksCleared", **kw))
 
 
 _PAIRS = list[Union[int, list[int]]]
-_ENCODINGS = {(array, pairs): _encoding(array, _PAIRS if pairs else list[int])
-              for array in (False, True) for pairs in (False, True)}
+_ENCODINGS = {(array, general): _encoding(array, general)
+              for array in (False, True) for general in (False, True)}
 _STORED_TYPES = frozenset(t[0] for t in _ENCODINGS.values())
 _REMOVED_TYPES = frozenset(t[1] for t in _ENCODINGS.values())
+_NORMALISED = frozenset(t for key, ts in _ENCODINGS.items() if not key[1] for t in ts)
 
 
 def _batch(events: Any) -> msgspec.Struct:
@@ -138,10 +146,14 @@ def decode_payload(payload: bytes, worker_id: int = 0, seq: int | None = None
         t = type(e)
         if t in _STORED_TYPES:
             parent = e.parent_block_hash
+            if t in _NORMALISED:
+                hashes = e.block_hashes
+            else:
+                hashes = normalize_hashes(e.block_hashes)
+                parent = None if parent is None else normalize_hash(parent)
             ev = Event(kind=STORED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts,
-                       block_hashes=normalize_hashes(e.block_hashes),
-                       parent_hash=None if parent is None else normalize_hash(parent),
-                       token_ids=e.token_ids, block_size=e.block_size, medium=e.medium)
+                       block_hashes=hashes, parent_hash=parent, token_ids=e.token_ids,
+                       block_size=e.block_size, medium=e.medium)
             # Setting the optional fields only when some are present (rare) costs a fifth of
             # passing them all; one test of them all is cheaper still than a loop.
             if (e.lora_id is not None or e.lora_name is not None or e.extra_keys is not None
@@ -156,7 +168,8 @@ def decode_payload(payload: bytes, worker_id: int = 0, seq: int | None = None
             append(ev)
         elif t in _REMOVED_TYPES:
             append(Event(kind=REMOVED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts,
-                         block_hashes=normalize_hashes(e.block_hashes), medium=e.medium,
+                         block_hashes=e.block_hashes if t in _NORMALISED
+                         else normalize_hashes(e.block_hashes), medium=e.medium,
                          group_idx=e.group_idx, locality=e.locality, ownership=e.ownership))
         else:
             append(Event(kind=CLEARED, worker_id=worker_id, dp_rank=rank, seq=seq, ts=ts))
@@ -181,7 +194,7 @@ def split_frames(frames: list[bytes]) -> tuple[bytes, int, bytes]:
 # -- encoding (the zmq sink and the synthetic source speak vLLM too) ---------------------------
 
 _STORED_ARRAY_FIELDS = tuple(f[0] for f in _stored_fields(_PAIRS))
-_REMOVED_ARRAY_FIELDS = tuple(f[0] for f in _REMOVED_FIELDS)
+_REMOVED_ARRAY_FIELDS = tuple(f[0] for f in _removed_fields())
 _encoder = msgspec.msgpack.Encoder()
 
 
