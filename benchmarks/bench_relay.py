@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvgraph.codecs.vllm import encode_payload  # noqa: E402
 from kvgraph.event import Event  # noqa: E402
-from kvgraph.testing import NatsServer, free_port  # noqa: E402
+from kvgraph.testing import NatsServer  # noqa: E402
 
 BS = 16
 
@@ -211,17 +211,17 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
     msgs = make_messages(n_msgs, per, blocks)
     total = n_msgs * per * engines
     server = NatsServer().start()
-    ports = [free_port() for _ in range(engines)]
+    ctx = zmq.Context.instance()
+    pubs, ports = [], []
+    for _ in range(engines):  # the engines bind first, on ports the system picks
+        pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.SNDHWM, 0)
+        pub.bind("tcp://127.0.0.1:*")
+        ports.append(int(pub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]))
+        pubs.append(pub)
     tmp = Path(tempfile.mkdtemp(prefix="kvgraph-bench-"))
     cmd, subject = relay_cmd(relay, tmp, ports, server.url, fmt, transforms, workers,
                              source_opts, sink_opts)
-    ctx = zmq.Context.instance()
-    pubs = []
-    for port in ports:
-        pub = ctx.socket(zmq.XPUB)
-        pub.setsockopt(zmq.SNDHWM, 0)
-        pub.bind(f"tcp://127.0.0.1:{port}")
-        pubs.append(pub)
     sent_at = [0.0] * n_msgs
     received = [0]
     seen: set[tuple[int, int]] = set()
