@@ -1,24 +1,31 @@
-"""The vLLM ZMQ -> NATS relay, end to end with real processes: kvgraph against the baseline.
+"""The benchmark suite: vLLM ZMQ -> NATS relays end to end with real processes, side by side.
 
-    python3 benchmarks/bench_relay.py                      # the comparison table (both relays,
-                                                           # 1, 16 and 128 events per message)
-    python3 benchmarks/bench_relay.py --only kvgraph --events-per-message 16 [--transforms
-        "dedup batch"] [--format dynamo-json] [--rate 10000]
+    python3 benchmarks/bench_relay.py [--repeat 5]    # the whole suite, one table per part
+    python3 benchmarks/bench_relay.py --only kvgraph --events-per-message 16 [--rate 10000]
+        [--engines 8 --workers 2] [--transforms "dedup batch"] [--format dynamo-json]
+        [--profile FILE]                               # one configuration
 
-A producer (this process) binds a ZMQ PUB like a vLLM engine and sends pre-encoded batches in
-vLLM's wire format (map encoding, 4 blocks of 16 tokens per event, every event chained to the
-previous one); the relay (a separate process) forwards them to a real nats-server; a subscriber
-(this process, another thread) counts what arrives.
+Relays compared (each a separate process):
+* ``kvgraph``: ``kvgraph run`` on a graph ``zmq (one per engine) -> nats (dynamo-msgpack)``;
+* ``bare``: kvgraph's own codec functions in one hand-written loop, no runtime
+  (``bare_relay.py``): kvgraph / bare is the framework's overhead;
+* ``baseline``: a minimal hand-written relay, no kvgraph code (``baseline_relay.py``);
+* ``dynamo``: Dynamo 1.6.1's Rust relay (``dynamo_relay.py``), when ``ai-dynamo-runtime`` is
+  installed (``pip install -e '.[bench]'``); skipped with a message otherwise.
+
+A producer (this process) binds a ZMQ XPUB like a vLLM engine and sends pre-encoded batches in
+vLLM's wire format (map encoding, block_size 16, 4 blocks per event unless said, every event
+chained to the previous one); a subscriber (this process, another thread) counts each event
+once on a real nats-server.
 
 * events/s = events received / (last receive - first send); lost = sent - received;
 * latency = receive time - send time of the ZMQ message that carried the event (both clocks
-  are this process's), reported at a paced rate with ``--rate``;
-* CPU% and peak RSS are the relay process's, from /proc.
-
-Every relay runs ``--repeat`` times, alternating kvgraph and baseline, and the table shows
-medians and the median of the pair-by-pair ratios, so that machine noise cancels. Dynamo's own
-relay is measured when ``ai-dynamo-runtime`` is installed; it is not installed here, and the table
-says so.
+  are this process's), at a paced rate;
+* CPU% and peak RSS are the relay's (with its worker processes), from /proc;
+* every configuration runs ``--repeat`` times, the relays back to back, and the tables show
+  medians and the median of the pair-by-pair ratios, so that machine noise cancels;
+* by default each relay runs alone on core 1 and everything else on core 0 (``--no-pin``).
+See BENCHMARKS.md for what limits each figure.
 """
 
 from __future__ import annotations
@@ -435,6 +442,12 @@ def suite(repeat: int, total: int, quick: bool = False) -> None:
     print(f"  {ix['events_s']:,.0f} stored events/s ({ix['blocks_s']:,.0f} blocks/s) applied; "
           f"query of 64 blocks p50 {ix['p50_us']:.0f} us, p99 {ix['p99_us']:.0f} us; "
           f"{ix['bytes_per_block']:.0f} bytes per block")
+    print("\n6. Start-up")
+    from bench_validate import measure as measure_validate
+
+    v = measure_validate()
+    print(f"  `kvgraph validate graphs/demo.toml` as a whole process: {v['process_ms']:.0f} ms "
+          f"(median of 7); a 1,000-node graph in-process: {v['big_ms']:.0f} ms")
     print(f"\nsuite took {time.time() - started:.0f} s")
 
 

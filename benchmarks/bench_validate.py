@@ -23,7 +23,9 @@ def big_graph(n: int = 1000) -> str:
     return "".join(parts)
 
 
-def main() -> None:
+def measure() -> dict[str, float]:
+    """Median milliseconds: a 1,000-node graph validated in-process, and `kvgraph validate` on
+    a small graph as a whole process (interpreter start and imports included)."""
     from kvgraph import validate_text
 
     text = big_graph()
@@ -34,8 +36,6 @@ def main() -> None:
         result = validate_text(text)
         times.append(time.perf_counter() - t0)
     assert result.ok
-    print(f"validate 1,000-node graph in-process: median {statistics.median(times)*1e3:.0f} ms")
-
     # An installed package has its bytecode compiled; an editable checkout under
     # PYTHONDONTWRITEBYTECODE=1 (as on these machines) would recompile kvgraph every run.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "kvgraph")], check=True)
@@ -45,8 +45,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "kvgraph", "validate", "-q",
                         str(ROOT / "graphs" / "demo.toml")], check=True)
         proc.append(time.perf_counter() - t0)
-    print(f"`kvgraph validate graphs/demo.toml` as a process: median "
-          f"{statistics.median(proc)*1e3:.0f} ms (target < 300 ms)")
+    return {"big_ms": statistics.median(times) * 1e3, "process_ms": statistics.median(proc) * 1e3}
+
+
+def main() -> None:
+    r = measure()
+    print(f"validate 1,000-node graph in-process: median {r['big_ms']:.0f} ms")
+    print(f"`kvgraph validate graphs/demo.toml` as a process: median {r['process_ms']:.0f} ms "
+          "(target < 300 ms)")
 
 
 if __name__ == "__main__":
