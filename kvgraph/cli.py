@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
 from .errors import KvgraphError, UsageError
@@ -151,6 +151,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(graph, args, status, prefix))
 
 
+async def _watch_parent(parent: int, stop: "Callable[[], None]") -> None:
+    """A worker's parent, ``kvgraph run --workers``, passes signals on; if it dies without
+    doing so (SIGKILL), the worker is re-parented and drains by itself."""
+    import asyncio
+
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    stop()
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in text.split("/"))
@@ -188,7 +198,9 @@ def _supervise(args: argparse.Namespace, plan: list[list[str]]) -> int:
             path = Path(args.report)
             cmd += ["--report", str(path.with_name(f"{path.stem}.worker{i}{path.suffix}"))]
         print(f"kvgraph run: worker {i}/{count}: {', '.join(sources)}", file=sys.stderr)
-        procs.append(subprocess.Popen(cmd))
+        # Its own process group: a Ctrl-C on the terminal reaches only this process, which
+        # passes it on once (twice would abort the workers instead of draining them).
+        procs.append(subprocess.Popen(cmd, process_group=0))
 
     def forward(signum: int, _frame: object) -> None:
         for p in procs:
@@ -267,6 +279,9 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     status = Status(rt, status_mode, args.status_interval)
     status.start()
+    orphan_watch = None
+    if args.shard:  # a worker: stop (draining) if the supervising process is gone
+        orphan_watch = asyncio.create_task(_watch_parent(os.getppid(), rt.request_stop))
     log.info("running %s: %d nodes, %d edges", graph.name, len(graph.nodes), len(graph.edges))
     try:
         result = await rt.wait()
@@ -274,6 +289,8 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
             await abort_task[0]
             result = rt.result()
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         await status.stop()
         if server is not None:
             server.close()

@@ -822,3 +822,54 @@ def test_workers_refuse_a_graph_that_cannot_be_split(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "sink 'idx' (index) cannot run in several processes" in proc.stderr
     assert "--workers 2 needs at least 2 source nodes" in proc.stderr
+
+
+def _two_source_graph(tmp_path: Path) -> Path:
+    graph = tmp_path / "two.toml"
+    graph.write_text('[graph]\nname = "two"\n'
+                     + "".join(f'[nodes.s{i}]\ntype = "synthetic"\nrate = 200\nseed = {i}\n'
+                               f'[[edges]]\nfrom = "s{i}"\nto = "out"\n' for i in (0, 1))
+                     + '[nodes.out]\ntype = "null"\n')
+    return graph
+
+
+def _wait_for_status(proc: subprocess.Popen[str], workers: int) -> None:
+    """Until every worker logged a status line (they run, with their sources started)."""
+    seen: set[str] = set()
+    while len(seen) < workers:
+        line = proc.stderr.readline()
+        assert line, "kvgraph exited early"
+        if "status:" in line and "[worker " in line:
+            seen.add(line.split("[worker ", 1)[1].split("]")[0])
+
+
+def test_ctrl_c_on_the_terminal_drains_the_workers_once(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the whole process group; the workers must see it once
+    (from the supervisor), so they drain and exit 0 instead of aborting."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvgraph", "run",
+                             str(_two_source_graph(tmp_path)), "--workers", "2", "--status",
+                             "log", "--status-interval", "0.1"], cwd=ROOT, text=True,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for_status(proc, 2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "ABORTED" not in err and err.count("done after") == 2
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "kvgraph", "run",
+                             str(_two_source_graph(tmp_path)), "--workers", "2", "--status",
+                             "log", "--status-interval", "0.1", "--report", str(report)],
+                            cwd=ROOT, text=True, stderr=subprocess.PIPE)
+    _wait_for_status(proc, 2)
+    proc.kill()
+    proc.wait()
+    reports = [tmp_path / f"r.worker{i}.json" for i in (0, 1)]
+    asyncio.run(wait_for(lambda: all(r.exists() for r in reports), timeout=30))
+    assert all(json.loads(r.read_text())["ok"] for r in reports)
