@@ -873,3 +873,74 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path
     reports = [tmp_path / f"r.worker{i}.json" for i in (0, 1)]
     asyncio.run(wait_for(lambda: all(r.exists() for r in reports), timeout=30))
     assert all(json.loads(r.read_text())["ok"] for r in reports)
+
+
+# -- against Dynamo's own relay, when ai-dynamo-runtime is installed (pip install -e '.[bench]') --
+
+def _flatten(bodies: list[bytes]) -> list[tuple]:
+    """What a router applies, in order: stored blocks, removed hashes, clears (Dynamo merges
+    a message's chained stores into one RouterEvent; the blocks are the same)."""
+    out: list[tuple] = []
+    for body in bodies:
+        for r in msgspec.msgpack.decode(msgspec.msgpack.decode(body)["payload"]):
+            data = r["event"]["data"]
+            if data == "cleared":
+                out.append(("cleared", r["worker_id"]))
+            elif "stored" in data:
+                out += [("stored", r["worker_id"], r["storage_tier"], b["block_hash"],
+                         b["tokens_hash"]) for b in data["stored"]["blocks"]]
+            else:
+                out += [("removed", r["worker_id"], h) for h in data["removed"]["block_hashes"]]
+    return out
+
+
+def test_kvgraph_and_dynamos_own_relay_send_the_same_router_events(tmp_path: Path,
+                                                                    nats_url: str) -> None:
+    pytest.importorskip("dynamo._core", reason="ai-dynamo-runtime is not installed")
+    from kvgraph.codecs.vllm import encode_payload
+    from kvgraph.event import Event
+
+    batches, h = [], 1
+    for seq in range(6):
+        evs = [Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=[h, h + 1],
+                     parent_hash=h - 1 if h > 1 else None, medium="GPU", block_size=16,
+                     token_ids=[(h * 131 + k) % 151936 for k in range(32)])]
+        h += 2
+        if seq == 3:
+            evs.append(Event(kind="removed", worker_id=0, dp_rank=0, block_hashes=[h - 1]))
+        if seq == 5:
+            evs.append(Event(kind="cleared", worker_id=0, dp_rank=0))
+        batches.append(encode_payload(evs, 1.0))
+    graph = tmp_path / "relay.toml"
+    seen = {}
+    for relay in ("dynamo", "kvgraph"):
+        engine = ZmqPublisher(f"ipc://{tmp_path}/{relay}")
+        subject = ("namespace.bench.component.backend.endpoint.generate.kv-events"
+                   if relay == "dynamo" else "kv")
+        if relay == "dynamo":
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "dynamo_relay.py"),
+                   engine.endpoint, nats_url]
+        else:
+            graph.write_text(f'[graph]\nname = "r"\n[nodes.e]\ntype = "zmq"\nendpoint = '
+                             f'"{engine.endpoint}"\n[nodes.n]\ntype = "nats"\nurl = '
+                             f'"{nats_url}"\nsubject = "kv"\n[[edges]]\nfrom = "e"\nto = "n"\n')
+            cmd = [sys.executable, "-m", "kvgraph", "run", str(graph), "--status", "off"]
+
+        async def go():
+            nc, bodies = await subscribe(nats_url, subject)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
+            try:
+                await asyncio.to_thread(engine.wait_subscribed, 30_000)
+                for seq, payload in enumerate(batches):
+                    engine.send([b"", seq.to_bytes(8, "big"), payload])
+                await wait_for(lambda: any(b"cleared" in b for b in bodies), timeout=30)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            await nc.close()
+            return bodies
+
+        seen[relay] = _flatten(asyncio.run(go()))
+        engine.close()
+    assert seen["kvgraph"] == seen["dynamo"]
+    assert len([x for x in seen["dynamo"] if x[0] == "stored"]) == 12
