@@ -133,10 +133,13 @@ def _rss_now(pid: int) -> float:
 
 
 def _stall(server: NatsServer, pid: int, t0: float, after_s: float, for_s: float,
-           trace: list[tuple[float, float]]) -> None:
-    """Freeze nats-server for a while; record the relay's RSS (MB) twice a second."""
+           trace: list[tuple[float, float]], blocked_cpu: list[float]) -> None:
+    """Freeze nats-server for a while; record the relay's RSS (MB) twice a second, and its CPU%
+    over the second half of the stall (when backpressure holds everything: it must not spin)."""
     assert server.proc is not None
     stopped = resumed = False
+    half = after_s + for_s / 2
+    cpu_at_half = None
     while time.perf_counter() - t0 < after_s + for_s + 5:
         t = time.perf_counter() - t0
         if not stopped and t >= after_s:
@@ -147,6 +150,10 @@ def _stall(server: NatsServer, pid: int, t0: float, after_s: float, for_s: float
             resumed = True
         try:
             trace.append((t, _rss_now(pid)))
+            if cpu_at_half is None and t >= half:
+                cpu_at_half = (t, _cpu([pid]))
+            elif cpu_at_half is not None and not blocked_cpu and t >= after_s + for_s - 0.5:
+                blocked_cpu.append(100 * (_cpu([pid]) - cpu_at_half[1]) / (t - cpu_at_half[0]))
         except OSError:
             return
         time.sleep(0.5)
@@ -234,6 +241,7 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
     seen: set[tuple[int, int]] = set()
     copies = [0]
     rss_trace: list[tuple[float, float]] = []
+    blocked_cpu: list[float] = []
     last_recv = [0.0]
     latencies: list[float] = []
     done = threading.Event()
@@ -302,7 +310,7 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
         t0 = time.perf_counter()
         if stall:
             threading.Thread(target=_stall, args=(server, relay_proc.pid, t0, *stall,
-                                                  rss_trace), daemon=True).start()
+                                                  rss_trace, blocked_cpu), daemon=True).start()
         interval = per / rate if rate else 0.0
         for i, payload in enumerate(msgs):
             if interval:  # sleep, not spin: the subscriber thread needs the GIL to timestamp
@@ -338,6 +346,7 @@ def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "d
             "blocks_s": received[0] * blocks / elapsed, "cpu": 100 * cpu / elapsed,
             "rss_mb": rss / 2**20, "lost": total - received[0], "copies": copies[0],
             "rss_trace": rss_trace, "metrics": metrics,
+            "blocked_cpu": blocked_cpu[0] if blocked_cpu else float("nan"),
             "p50": pct(0.5), "p99": pct(0.99), "p999": pct(0.999)}
 
 
@@ -431,7 +440,8 @@ def suite(repeat: int, total: int, quick: bool = False) -> None:
     trace = st["rss_trace"]
     marks = [trace[min(len(trace) - 1, int(t * 2))] for t in (2, 5, 8, 11, 14, 17, 20, 23, 26)]
     counted = st["metrics"].get("engine0", {}).get("seq_missing", 0) * 16
-    print("  kvgraph RSS: " + ", ".join(f"{mb:.0f} MB at {t:.0f} s" for t, mb in marks))
+    print("  kvgraph RSS: " + ", ".join(f"{mb:.0f} MB at {t:.0f} s" for t, mb in marks)
+          + f"; CPU while held back (second half of the stall): {st['blocked_cpu']:.1f}%")
     print(f"  after it resumed: {st['lost']} events did not arrive; the relay counted "
           f"{counted} missing (seq gaps x 16 events/message); resent copies {st['copies']}")
 
