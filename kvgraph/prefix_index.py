@@ -1,6 +1,6 @@
 """The KV router's prefix index: a radix tree keyed by Dynamo's ``tokens_hash``.
 
-Semantics, as Dynamo's router applies them (``shared/specs/dynamo-interop.md``):
+Semantics, as Dynamo's router applies them (Dynamo 1.6.1's KvIndexer / RadixTree):
 
 * state per (worker_id, dp_rank): a map from the engine's ``block_hash`` to a tree node; the tree
   is keyed by ``tokens_hash`` along the path from the root;

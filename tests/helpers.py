@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 GRAPHS = ROOT / "graphs"
 TEST_GRAPHS = Path(__file__).resolve().parent / "graphs"
 
@@ -21,7 +20,7 @@ def kvgraph(*args: str, env: dict[str, str] | None = None, timeout: float = 60
                           text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "NO_COLOR": "1", **(env or {})})
 
-FIXTURES = SHARED / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # vLLM recordings (fixtures/README.md)
 
 
 def fixture_dirs() -> list[Path]:
@@ -31,6 +30,9 @@ def fixture_dirs() -> list[Path]:
         out.append(d)
         if (d / "bytes_hashes").is_dir():
             out.append(d / "bytes_hashes")
+    if not out:  # never a silent "empty parameter set": the data ships with the repository
+        raise RuntimeError(f"no vLLM fixtures in {FIXTURES}; they are part of the repository "
+                           "(git checkout tests/fixtures)")
     return out
 
 

@@ -1,6 +1,6 @@
 """NVIDIA Dynamo's KV-router formats: RouterEvent, tokens_hash, event ids, storage tiers.
 
-See ``shared/specs/dynamo-interop.md``. A RouterEvent (JSON, Dynamo 1.6.1):
+The reference is Dynamo 1.6.1 itself (the ``ai-dynamo-runtime`` wheel). A RouterEvent (JSON, Dynamo 1.6.1):
 
     {"worker_id": 7, "storage_tier": "device", "residency_domain": "worker",
      "event": {"event_id": 1,

@@ -11,7 +11,8 @@ event is a tagged union in one of two encodings, which may even be mixed in one 
 Decoding uses msgspec typed structs: a homogeneous batch (the normal case) is decoded by one C
 call, and wrong field types, unknown tags and bad msgpack all surface as one ``DecodeError``
 with msgspec's precise location. Mixed batches fall back to per-event dispatch on the first
-byte. See ``shared/specs/kv-events-wire.md``.
+byte. The reference is vLLM's own ``vllm/distributed/kv_events.py``; ``tests/fixtures`` holds
+what it sends, per version.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class FileSource(Source):
                              maximum=2**63 - 1),
     }
     required = ("path",)
-    example = 'path = "../shared/fixtures/vllm-0.29.0/live.jsonl"\nformat = "vllm-frames"'
+    example = 'path = "recordings/vllm-0.29.0.jsonl"\nformat = "vllm-frames"'
 
     # -- runtime ------------------------------------------------------------------------------
 
