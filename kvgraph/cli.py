@@ -1,6 +1,7 @@
 """The ``kvgraph`` command line: validate, run, draw, nodes, schema.
 
-Exit codes: 0 success (graph valid), 1 invalid graph or failed action, 2 usage error.
+Exit codes: 0 success (graph valid), 1 invalid graph or failed action, 2 usage error (bad
+arguments, or an address to listen on that is taken: nothing was started).
 Heavy modules (jsonschema, networkx) are imported only by the commands that need them, so that
 ``kvgraph --help`` and ``kvgraph nodes`` start at once.
 """
@@ -149,8 +150,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
     status = args.status
     if status == "auto":
-        status = "tty" if sys.stderr.isatty() else "log"
+        status = "tty" if _screen_is_ours(graph) else "log"
     return asyncio.run(_run(graph, args, status, prefix))
+
+
+def _screen_is_ours(graph: "Graph") -> bool:
+    """``--status auto``: draw the live screen only on a terminal that nothing else writes
+    to. Not for a background job (``kvgraph run ... &``: the screen would be drawn over the
+    shell; the choice is made at start, so a job brought back with ``fg`` keeps log lines),
+    and not when a node prints events to the same terminal (the ``stdout`` sink)."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        if os.getpgrp() != os.tcgetpgrp(sys.stderr.fileno()):
+            return False
+    except OSError:
+        return False
+    if sys.stdout.isatty() and any(n.type.writes_terminal for n in graph.nodes.values()):
+        return False
+    return True
 
 
 def _tune_gc() -> None:
@@ -176,13 +194,28 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
     import logging
     import signal
 
+    from .errors import listen_error
     from .runtime import Runtime
     from .status import Status, serve_metrics, totals
 
     log = logging.getLogger("kvgraph")
     rt = Runtime(graph)
+    server = None
+    if args.metrics_port is not None:  # every listener before any source: a taken port
+        try:                           # stops the run before anything was read
+            server = await serve_metrics(rt, args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            where = f"--metrics-port {args.metrics_port} on {args.metrics_host}"
+            raise listen_error(where, exc) or UsageError(f"{where}: {exc}") from None
+        port = server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     _tune_gc()  # before start: its full collection must not delay the first events
-    await rt.start()
+    try:
+        await rt.start()
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
     loop = asyncio.get_running_loop()
     signals = 0
     abort_task: list[asyncio.Task[int]] = []
@@ -200,11 +233,6 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    server = None
-    if args.metrics_port is not None:
-        server = await serve_metrics(rt, args.metrics_host, args.metrics_port)
-        port = server.sockets[0].getsockname()[1]
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     status = Status(rt, status_mode, args.status_interval)
     status.start()
     orphan_watch = None
@@ -245,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvgraph",
         description="KV-cache event relays as declarative dataflow graphs.",
-        epilog="Exit codes: 0 ok, 1 invalid graph or failure, 2 usage error.")
+        epilog="Exit codes: 0 ok, 1 invalid graph or failure, 2 usage error or a port in use "
+               "(nothing started).")
     p.add_argument("--version", action="version", version=f"kvgraph {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

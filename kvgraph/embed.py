@@ -3,13 +3,17 @@
 * ``async with kvgraph.open("graph.toml") as g:`` runs the graph in the caller's event loop;
   ``g.publisher("engine")`` is the ``api`` node's publisher.
 * ``kvgraph.start("graph.toml")`` runs it on a background thread with its own loop, for engines
-  that have no asyncio loop; the publisher is thread-safe, ``stop()`` drains and joins.
+  that have no asyncio loop; the publisher is thread-safe, ``stop()`` drains and joins. A
+  program that exits without calling ``stop()`` still delivers what it published: an
+  ``atexit`` hook stops and drains the graph, with a warning that says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import logging
 import os
 import threading
 from typing import Any, AsyncIterator, Mapping
@@ -70,10 +74,25 @@ class Background:
 
     def stop(self, timeout: float | None = 60) -> RunResult | None:
         """Stop the sources, drain, and wait for the thread; returns how the run ended."""
+        atexit.unregister(self._at_exit)
         if self._loop is not None and self.runtime is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self.runtime.request_stop)
         self._thread.join(timeout)
         return self.result
+
+    def _at_exit(self) -> None:
+        """The interpreter is exiting and ``stop()`` was never called: the graph's thread is a
+        daemon and would die with whatever it still holds. Drain it instead, and say so."""
+        if not self._thread.is_alive():
+            return
+        logging.getLogger("kvgraph").warning(
+            "kvgraph.start(%r): stop() was not called; stopping and draining the graph at "
+            "interpreter exit (call stop() to choose when)", self._graph.path)
+        result = self.stop()
+        if result is not None and not result.ok:
+            logging.getLogger("kvgraph").error(
+                "kvgraph.start(%r): the run did not end cleanly: lost %d event(s), failures %s",
+                self._graph.path, result.lost_events, result.failures or "none")
 
 
 def start(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
@@ -81,6 +100,7 @@ def start(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
     """Start the graph on a background thread; returns once every node has started."""
     bg = Background(path, environ)
     bg._thread.start()
+    atexit.register(bg._at_exit)
     if not bg._ready.wait(timeout):
         raise KvgraphError(f"graph {path} did not start within {timeout} s")
     if bg._error is not None:

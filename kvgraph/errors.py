@@ -7,6 +7,7 @@
     ├── NodeFailure               a running node cannot go on (a connection broken after retries)
     ├── ApiError                  a publish_* call got bad arguments (TypeError/ValueError too)
     └── UsageError                the command line or API was called wrongly
+        └── ListenError           an address to listen on is taken or unusable; nothing started
 
 Every error says what was wrong, where, and what to do; a GraphError carries the full list of
 diagnostics so that a caller can print them all, not just the first.
@@ -57,3 +58,22 @@ class ApiError(KvgraphError, ValueError):
 
 class UsageError(KvgraphError):
     """A command or API call was used wrongly (bad arguments, missing file)."""
+
+
+class ListenError(UsageError):
+    """An address kvgraph must listen on (``--metrics-port``, an index's port, a ``bind``
+    endpoint) is taken or cannot be used. Raised before any source starts, so nothing was
+    read or sent; ``kvgraph run`` exits with 2, as for any other usage error."""
+
+
+def listen_error(what: str, exc: BaseException) -> ListenError | None:
+    """A ListenError for ``exc`` if it is a failure to listen (socket or ZMQ), else None."""
+    import errno
+
+    codes = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
+    code = getattr(exc, "errno", None)
+    if code not in codes:
+        return None
+    why = getattr(exc, "strerror", None) or str(exc)
+    return ListenError(f"{what}: cannot listen: {why}; choose another address or port "
+                       "(0 picks a free port where the option allows it), or stop what uses it")

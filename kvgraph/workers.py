@@ -37,6 +37,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def python_m_kvgraph() -> list[str]:
+    """The command that starts this same kvgraph in a new process.
+
+    ``python -m kvgraph`` puts the current directory first on ``sys.path``: started from a
+    directory that holds a folder named ``kvgraph`` (a clone's parent, say), the worker would
+    import that folder instead of the installed package. ``-P`` (Python 3.11) leaves the
+    current directory out; it is kept only when this kvgraph itself was imported from it (an
+    uninstalled checkout run as ``python -m kvgraph``)."""
+    here = Path(__file__).resolve().parent.parent
+    safe = [] if here == Path.cwd().resolve() else ["-P"]
+    return [sys.executable, *safe, "-m", "kvgraph"]
+
+
 def supervise(args: argparse.Namespace, plan: list[list[str]]) -> int:
     """``run --workers N``: run each part of the graph in its own ``kvgraph run`` process.
 
@@ -52,7 +65,7 @@ def supervise(args: argparse.Namespace, plan: list[list[str]]) -> int:
     status = "log" if args.status in ("auto", "tty") else args.status
     procs = []
     for i, sources in enumerate(plan):
-        cmd = [sys.executable, "-m", "kvgraph", "run", args.file, "--shard", f"{i}/{count}",
+        cmd = [*python_m_kvgraph(), "run", args.file, "--shard", f"{i}/{count}",
                "--status", status, "--status-interval", str(args.status_interval),
                "--log-level", args.log_level]
         if args.strict:

@@ -19,7 +19,7 @@ from kvgraph.event import Event, Rejected
 from kvgraph.metrics import NodeMetrics
 from kvgraph.prefix_index import PrefixIndex
 from kvgraph.sources._frames import FrameIngest
-from kvgraph.testing import capture, free_port, run_text, wait_for
+from kvgraph.testing import capture, free_port, free_ports, run_text, wait_for
 
 from .helpers import (FIXTURES, TestEngine, assert_event_matches, engine_graph,
                       expected_batches, read_frames)
@@ -182,19 +182,9 @@ def test_replay_on_connect_fetches_the_history(tmp_path) -> None:
     assert m["seq_lost"] == 0 and m["replays"] == 1
 
 
-def _two_free_ports() -> int:
-    import socket
-
-    for _ in range(50):
-        p = free_port()
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", p + 1)) != 0:
-                return p
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_one_node_follows_every_dp_rank_with_its_own_seq_and_replay() -> None:
-    pub_port, replay_port = _two_free_ports(), _two_free_ports()
+    pub_port = free_ports(4)      # ranks 0 and 1: pub at +0, +1; replay at +2, +3
+    replay_port = pub_port + 2
     engines = [TestEngine(f"tcp://127.0.0.1:{pub_port + r}", f"tcp://127.0.0.1:{replay_port + r}")
                for r in range(2)]
     graph = relay_graph(f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{replay_port}",

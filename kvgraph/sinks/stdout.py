@@ -15,6 +15,7 @@ from ..registry import register
 class StdoutSink(Sink):
     name = "stdout"
     summary = "Print events: one readable line each, or JSONL."
+    writes_terminal = True
     options = {
         "format": string("`text` (one short line per event) or `jsonl`.", "text",
                          enum=["text", "jsonl"]),

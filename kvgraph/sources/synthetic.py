@@ -42,7 +42,9 @@ class SyntheticSource(Source):
         "prompt_blocks_mean": number("Mean prompt length, in blocks.", 8, exclusive_minimum=0),
         "prefix_share": number("Fraction of requests that start with a shared system prompt or "
                                "continue an earlier conversation.", 0.6, minimum=0),
-        "system_prompts": integer("Distinct shared system prompts.", 8, minimum=1),
+        "system_prompts": integer("Distinct shared system prompts, of 1 to 4 blocks. Prompt k "
+                                  "(from 0) is the tokens k*1000+1, k*1000+2, ...: a demo can "
+                                  "query one by hand.", 8, minimum=1),
         "cache_blocks": integer("Blocks each engine holds before it evicts.", 4096, minimum=1),
         "clear_probability": number("Chance per batch that an engine clears its cache.", 0.0005,
                                     minimum=0),
@@ -159,8 +161,11 @@ class Simulation:
         self.mean, self.share = prompt_blocks_mean, prefix_share
         self.capacity, self.p_clear = cache_blocks, clear_probability
         self.caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(workers)]
-        self.system = [self._tokens(self.rng.randint(1, 4) * block_size)
-                       for _ in range(system_prompts)]
+        # Readable on purpose (prompt k: k*1000+1, k*1000+2, ...), so that a person trying
+        # the demo can type a query that hits; the rest of every prompt is random.
+        self.system = [list(range(k * 1000 + 1,
+                                  k * 1000 + 1 + self.rng.randint(1, 4) * block_size))
+                       for k in range(system_prompts)]
         self.conversations: list[list[int]] = []
         self.next_worker = 0
         self.pending: list[list[Event]] = [[] for _ in range(workers)]

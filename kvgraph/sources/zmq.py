@@ -1,6 +1,6 @@
 """``zmq`` source: reads the KV-event publishers of vLLM, SGLang and TensorRT-LLM.
 
-Engines publish ``[topic, seq, payload]`` on a PUB socket (see ``shared/specs/kv-events-wire.md``).
+Engines publish ``[topic, seq, payload]`` on a PUB socket (``kvgraph/codecs/vllm.py``).
 By default this node connects a SUB socket to the engine, which binds (vLLM binds for ``*``,
 ``::``, ``ipc://`` and ``inproc://``); set ``bind = true`` when the engine connects instead.
 """
@@ -50,6 +50,10 @@ class ZmqSource(Source):
                               "0 accepts any.", 0, minimum=0),
         "max_batch_events": integer("Most events handed downstream in one batch.", 1024,
                                     minimum=1),
+        "warn_silent_s": number("Until the first message arrives, warn after this many seconds "
+                                "of silence, then after twice as long each time (ZMQ connects "
+                                "lazily: an engine that is not there looks like a quiet one). "
+                                "0 turns the warning off.", 10.0, minimum=0),
     }
     required = ("endpoint",)
     example = 'endpoint = "tcp://127.0.0.1:5557"\nworker_id = 7'
@@ -136,7 +140,11 @@ class ZmqSource(Source):
                                    self._request if self._dealers else None,
                                    c["replay_cooldown_s"], c["replay_timeout_s"],
                                    c["topic"].encode())
-        self.log.info("%s %s", "bound" if c["bind"] else "connected to", ", ".join(endpoints))
+        self._endpoints = ", ".join(endpoints)
+        # ZMQ connects lazily and silently: nothing here says the engine is there. The first
+        # message says so (see run), and so does a warning while none has come.
+        self.log.info("%s %s; waiting for the first message", "bound to" if c["bind"]
+                      else "connecting to", self._endpoints)
 
     def _request(self, rank: int, start: int) -> bool:
         """Ask rank's replay endpoint for every buffered batch from ``start`` on."""
@@ -166,6 +174,7 @@ class ZmqSource(Source):
         emit, reject = self.ctx.emit, self.ctx.reject
         if self.config["replay_on_connect"]:
             streams.replay_on_connect(sorted(self._dealers), time.time())
+        silence = _Silence(self.config["warn_silent_s"])
         while not stopping.is_set():
             events: list[Any] = []
             rejected: list[Any] = []
@@ -195,7 +204,14 @@ class ZmqSource(Source):
             if rejected:
                 await reject(rejected)
             if not events and not rejected:  # 10 ms cap: a missed edge costs at most that
+                if silence.waiting and silence.due():
+                    self.log.warning("nothing received from %s in %.0f s: is the engine running, "
+                                     "with KV events enabled, publishing there?",
+                                     self._endpoints, silence.elapsed())
                 await self._readable.wait(0.01)
+            elif silence.waiting:
+                self.log.info("first message from %s after %.1f s", self._endpoints,
+                              silence.heard())
 
     async def stop(self) -> None:
         if getattr(self, "_readable", None) is not None:
@@ -203,3 +219,30 @@ class ZmqSource(Source):
         for s in [getattr(self, "_sock", None), *getattr(self, "_dealers", {}).values()]:
             if s is not None:
                 s.close(0)
+
+
+class _Silence:
+    """Until a source hears from its engine: when to warn that it has not (after ``first_s``,
+    then after twice as long each time, so that a long wait does not flood the log)."""
+
+    def __init__(self, first_s: float):
+        self.started = time.monotonic()
+        self.waiting = True
+        self._interval = first_s
+        self._next = self.started + first_s if first_s > 0 else float("inf")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._interval *= 2
+        self._next = now + self._interval
+        return True
+
+    def heard(self) -> float:
+        """The first message arrived; returns how long it took."""
+        self.waiting = False
+        return self.elapsed()
