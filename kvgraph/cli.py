@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 from .errors import KvgraphError, UsageError
@@ -171,6 +171,18 @@ def _screen_is_ours(graph: "Graph") -> bool:
     return True
 
 
+async def _cancel_until_done(task: "asyncio.Future[Any]") -> None:
+    """Cancel ``task`` and make it stick. A cancellation that lands as an inner ``wait_for``
+    completes is lost (Python 3.11's wait_for; nats-py's connect has such waits), and the
+    start-up would go on for a whole connect timeout; asking again until the task ends
+    closes that window."""
+    import asyncio
+
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.2)
+
+
 def _tune_gc() -> None:
     """Make the cyclic garbage collector cheap for a relay process (``kvgraph run`` only; an
     embedding application keeps its own settings).
@@ -210,22 +222,28 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
         port = server.sockets[0].getsockname()[1]
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     _tune_gc()  # before start: its full collection must not delay the first events
-    try:
-        await rt.start()
-    except BaseException:
-        if server is not None:
-            server.close()
-        raise
     loop = asyncio.get_running_loop()
     signals = 0
     abort_task: list[asyncio.Task[int]] = []
+    abandon: list[asyncio.Task[None]] = []
+    # Signals are handled from the very start: a Ctrl-C while nodes connect (a NATS server
+    # slow to answer, say) stops the graph once it has started; a second one abandons the
+    # start-up. Both end with totals and an exit code, never a traceback.
+    starting = asyncio.ensure_future(rt.start())  # awaited just below
 
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
-        if signals == 1:
-            log.warning("%s: stopping sources and draining; send it again to abort",
-                        signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if not starting.done():
+            if signals == 1:
+                log.warning("%s during start-up: stopping once every node has started; "
+                            "send it again to abort", name)
+            elif not abandon:
+                log.warning("second signal: abandoning the start-up")
+                abandon.append(asyncio.create_task(_cancel_until_done(starting)))
+        elif signals == 1:
+            log.warning("%s: stopping sources and draining; send it again to abort", name)
             rt.request_stop()
         elif not abort_task:
             log.warning("second signal: aborting now")
@@ -234,19 +252,30 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     status = Status(rt, status_mode, args.status_interval)
-    status.start()
     orphan_watch = None
-    if args.shard:  # a worker: stop (draining) if the supervising process is gone
-        from .workers import watch_parent
-
-        orphan_watch = asyncio.create_task(watch_parent(os.getppid(), rt.request_stop))
-    log.info("running %s: %d nodes, %d edges", graph.name, len(graph.nodes), len(graph.edges))
     try:
+        try:
+            await starting
+        except asyncio.CancelledError:
+            print(f"{prefix}kvgraph {graph.name}: ABORTED during start-up; nothing was read",
+                  file=sys.stderr)
+            return 1
+        if signals:
+            rt.request_stop()
+        status.start()
+        if args.shard:  # a worker: stop (draining) if the supervising process is gone
+            from .workers import watch_parent
+
+            orphan_watch = asyncio.create_task(watch_parent(os.getppid(), rt.request_stop))
+        log.info("running %s: %d nodes, %d edges", graph.name, len(graph.nodes),
+                 len(graph.edges))
         result = await rt.wait()
         if abort_task:
             await abort_task[0]
             result = rt.result()
     finally:
+        for task in abandon:
+            await task
         if orphan_watch is not None:
             orphan_watch.cancel()
         await status.stop()

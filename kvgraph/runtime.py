@@ -256,6 +256,9 @@ class Runtime:
         for nid in self._start_order():
             try:
                 await self.nodes[nid].start()
+            except asyncio.CancelledError:  # start-up abandoned: close what was opened
+                await self._stop_nodes()
+                raise
             except Exception as exc:
                 await self._stop_nodes()
                 listen = listen_error(f"node {nid!r}", exc)

@@ -193,3 +193,50 @@ to = "out"
 from = "engine.errors"
 to = "dead"
 """
+
+
+def _toml(value: object) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+class GraphFile:
+    """A graph file built in code, so that a test reads like the graph it runs:
+
+        GraphFile("relay").node("engine", "zmq", endpoint=ep).node("out", "null")
+                          .edge("engine", "out").write(tmp_path)
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: dict[str, dict[str, object]] = {}
+        self.edges: list[dict[str, object]] = []
+
+    def node(self, node_id: str, type_: str, **options: object) -> "GraphFile":
+        self.nodes[node_id] = {"type": type_, **options}
+        return self
+
+    def edge(self, src: str, dst: str, **options: object) -> "GraphFile":
+        self.edges.append({"from": src, "to": dst, **options})
+        return self
+
+    def text(self) -> str:
+        out = [f"[graph]\nname = {_toml(self.name)}\n"]
+        for nid, table in self.nodes.items():
+            out.append(f"\n[nodes.{nid}]\n" + "".join(f"{k} = {_toml(v)}\n"
+                                                     for k, v in table.items()))
+        for e in self.edges:
+            out.append("\n[[edges]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in e.items()))
+        return "".join(out)
+
+    def write(self, directory: Path, file: str | None = None) -> Path:
+        path = directory / (file or f"{self.name}.toml")
+        path.write_text(self.text())
+        return path

@@ -23,7 +23,7 @@ from kvgraph.errors import ApiError
 from kvgraph.event import Rejected
 from kvgraph.testing import (NatsServer, assert_metrics_contract, capture, run_text, wait_for)
 
-from .helpers import (ROOT, ZmqPublisher, assert_event_matches, engine_graph,
+from .helpers import (ROOT, GraphFile, ZmqPublisher, assert_event_matches, engine_graph,
                       expected_batches, fixture_dirs,
                       fixture_id, read_frames)
 
@@ -278,6 +278,37 @@ to = "dead"
     m = rt.result().metrics["bus"]
     assert_metrics_contract(m)
     assert m["malformed"] == 1 and m["errors"] == 1
+
+
+def publish_blocking(url: str, subject: str, payload: bytes) -> None:
+    """Publish with a plain socket, without yielding to the event loop: nothing the loop
+    still has to send (a subscription, say) can reach the server first."""
+    import socket
+
+    host, port = url.removeprefix("nats://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        f = s.makefile("rb")
+        f.readline()  # INFO
+        s.sendall(b'CONNECT {"verbose":false}\r\n'
+                  + f"PUB {subject} {len(payload)}\r\n".encode() + payload + b"\r\nPING\r\n")
+        while not f.readline().startswith(b"PONG"):
+            pass
+
+
+def test_a_started_core_nats_source_is_already_subscribed(nats_url: str) -> None:
+    """Core NATS keeps nothing: what is published before the server has the subscription is
+    lost. When start() returns, the subscription must be at the server."""
+    graph = (GraphFile("subscribed").node("bus", "nats", url=nats_url, subject="early",
+                                          format="jsonl", kind="source")
+             .node("out", "capture").edge("bus", "out"))
+
+    async def go():
+        async with run_text(graph.text()):
+            publish_blocking(nats_url, "early", b'{"kind":"cleared","worker_id":5,"dp_rank":0}\n')
+            await wait_for(lambda: len(capture("out")) == 1, timeout=10)
+
+    asyncio.run(go())
+    assert capture("out")[0].worker_id == 5
 
 
 # -- the zmq source: malformed input, gaps, restarts ------------------------------------------------

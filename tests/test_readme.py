@@ -59,3 +59,18 @@ def test_readme_walkthrough_works_as_written(name: str, tmp_path: Path) -> None:
     finally:
         problems = sandbox.close()
     assert not problems, "\n".join(problems)
+
+
+def test_the_repository_refers_to_nothing_outside_itself() -> None:
+    """A plain clone passes its own tests: no file reads (or tells the reader to look at) a
+    folder beside the checkout, such as the ``shared/`` this project was developed next to."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    outside = re.compile(r"\.\./shared|ROOT\.parent\b|shared/(specs|fixtures)")
+    found = [f"{name}:{n}" for name in files if not name.startswith("tests/fixtures/")
+             for n, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
+             if outside.search(line) and name != "tests/test_readme.py"]
+    assert not found, found

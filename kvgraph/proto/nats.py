@@ -138,8 +138,12 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
         log.problem("nats-error", "NATS: %s: %s", type(exc).__name__, exc)
 
     opts.update(disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
+    urls = config["url"] if isinstance(config["url"], list) else [config["url"]]
+    log.info("connecting to NATS at %s", ", ".join(redact_url(u) for u in urls))
     nc = await nats.connect(**opts)
     nc.options["max_reconnect_attempts"] = config["max_reconnect_attempts"]
+    log.info("connected to NATS at %s", redact_url(str(nc.connected_url.geturl())
+                                                   if nc.connected_url else urls[0]))
     return nc
 
 

@@ -88,6 +88,9 @@ class NatsSource(NatsProbe, Source):
 
         self.sub = await self.nc.subscribe(c["subject"], queue=c.get("queue_group", ""),
                                            cb=on_message)
+        # Core NATS keeps nothing: a message published before the server has the
+        # subscription is gone. The round trip makes "started" mean "subscribed".
+        await self.nc.flush()
 
     async def _start_jetstream(self) -> None:
         """A pull consumer; each message is acked only once every sink downstream confirmed

@@ -178,6 +178,7 @@ class ZmqSource(Source):
         while not stopping.is_set():
             events: list[Any] = []
             rejected: list[Any] = []
+            got = False  # any message at all (an engine's empty batch says it is there too)
             now = time.time()
             for rank, dealer in self._dealers.items():
                 while True:
@@ -198,20 +199,21 @@ class ZmqSource(Source):
                     frame = recv(noblock, copy=False)
                     frames.append(frame.bytes)
                 ingest.ingest(frames, events, rejected, now)
+                got = True
             if events:
                 self.metrics.events_in += len(events)
                 await emit(events)
             if rejected:
                 await reject(rejected)
+            if got and silence.waiting:
+                self.log.info("first message from %s after %.1f s", self._endpoints,
+                              silence.heard())
             if not events and not rejected:  # 10 ms cap: a missed edge costs at most that
                 if silence.waiting and silence.due():
                     self.log.warning("nothing received from %s in %.0f s: is the engine running, "
                                      "with KV events enabled, publishing there?",
                                      self._endpoints, silence.elapsed())
                 await self._readable.wait(0.01)
-            elif silence.waiting:
-                self.log.info("first message from %s after %.1f s", self._endpoints,
-                              silence.heard())
 
     async def stop(self) -> None:
         if getattr(self, "_readable", None) is not None:
