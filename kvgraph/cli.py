@@ -120,6 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    early = EarlySignals()  # a Ctrl-C while this process still imports and validates is
+    early.install()         # handled once the graph runs, never a KeyboardInterrupt traceback
+
     from .diagnostics import render_text
     from .validate import validate_file
 
@@ -145,13 +148,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .graph import worker_plan
         from .workers import supervise
 
-        return supervise(args, worker_plan(graph, args.workers))
+        return supervise(args, worker_plan(graph, args.workers), early)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
     status = args.status
     if status == "auto":
         status = "tty" if _screen_is_ours(graph) else "log"
-    return asyncio.run(_run(graph, args, status, prefix))
+    return asyncio.run(_run(graph, args, status, prefix, early))
+
+
+class EarlySignals:
+    """SIGINT and SIGTERM received before their real handler is installed (while the
+    process imports, validates or starts its workers): recorded, then handed over with
+    :meth:`take`. A worker of ``--workers`` gets its supervisor's signal at once, however
+    early, so without this its first second of life ended in a KeyboardInterrupt traceback."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+
+    def install(self) -> None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.pending.append(signum)
+
+    def take(self) -> list[int]:
+        taken, self.pending = self.pending, []
+        return taken
 
 
 def _screen_is_ours(graph: "Graph") -> bool:
@@ -201,7 +227,7 @@ def _tune_gc() -> None:
 
 
 async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
-               prefix: str = "") -> int:
+               prefix: str = "", early: EarlySignals | None = None) -> int:
     import asyncio
     import logging
     import signal
@@ -251,6 +277,8 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    for sig in early.take() if early else ():
+        on_signal(sig)
     status = Status(rt, status_mode, args.status_interval)
     orphan_watch = None
     try:

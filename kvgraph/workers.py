@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import UsageError
 
@@ -50,7 +50,7 @@ def python_m_kvgraph() -> list[str]:
     return [sys.executable, *safe, "-m", "kvgraph"]
 
 
-def supervise(args: argparse.Namespace, plan: list[list[str]]) -> int:
+def supervise(args: argparse.Namespace, plan: list[list[str]], early: Any = None) -> int:
     """``run --workers N``: run each part of the graph in its own ``kvgraph run`` process.
 
     The processes share nothing, so N of them use up to N cores: each worker runs its share
@@ -88,6 +88,8 @@ def supervise(args: argparse.Namespace, plan: list[list[str]]) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
+    for sig in early.take() if early is not None else ():  # arrived while validating
+        forward(sig, None)
     code = 0
     running = {p.pid: p for p in procs}
     while running:

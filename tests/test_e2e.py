@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -718,6 +719,56 @@ to = "index"
     assert m["engines"]["seq_gaps"] == 0 and m["engines"]["events_out"] == events_n
     assert m["batch"]["merged_away"] > 0  # batching really happened
     assert m["router"]["errors"] == 0
+
+
+COUNTING_SUBSCRIBER = """
+import sys, zmq
+sub = zmq.Context().socket(zmq.SUB)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.setsockopt(zmq.RCVHWM, 0)
+sub.connect(sys.argv[1])
+n, want = 0, int(sys.argv[2])
+while n < want and sub.poll(10_000):   # up to the count expected, or 10 s of silence
+    sub.recv_multipart()
+    n += 1
+print(n, flush=True)
+"""
+
+
+def test_a_publishing_kvgraph_that_exits_still_delivers_its_last_messages(
+        tmp_path: Path) -> None:
+    """The synthetic engines publish and end while their subscriber is held up (descheduled,
+    as a busy relay is; here SIGSTOP): what ZMQ still queued must reach it once it reads
+    again, not die with the exiting process (it did: ~30% of the messages)."""
+    endpoint = f"ipc://{tmp_path}/engines.sock"
+    messages = 3000
+    graph = (GraphFile("engines")
+             .node("engines", "synthetic", rate=0, max_events=messages * 16, events_per_batch=16,
+                   clear_probability=0, zmq_endpoint=endpoint, zmq_wait_subscriber_s=30)
+             .node("out", "null").edge("engines", "out").write(tmp_path))
+    reader = subprocess.Popen([sys.executable, "-c", COUNTING_SUBSCRIBER, endpoint,
+                               str(messages)],
+                              stdout=subprocess.PIPE, text=True)
+    engines = kvgraph_run(graph)
+    try:
+        while "running engines" not in engines.stderr.readline():
+            pass                                      # the subscriber has subscribed
+        reader.send_signal(signal.SIGSTOP)            # and stops reading
+        while "finished" not in engines.stderr.readline():
+            pass                                      # every message is sent to ZMQ
+        try:
+            engines.wait(timeout=1)                   # (before the fix: gone, with its queue)
+        except subprocess.TimeoutExpired:
+            pass
+        reader.send_signal(signal.SIGCONT)
+        received = int(reader.communicate(timeout=60)[0])
+        assert engines.wait(timeout=30) == 0
+    finally:
+        for p in (reader, engines):
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+    assert received == messages
 
 
 def test_zmq_sink_republishes_in_vllm_format_and_serves_replay(tmp_path: Path) -> None:

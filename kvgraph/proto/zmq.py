@@ -150,3 +150,39 @@ class Readable:
 
     def close(self) -> None:
         self._unregister()
+
+
+class OwnContext:
+    """A ZMQ context that one publishing node owns, so that stopping can wait for what it sent.
+
+    libzmq keeps sending what a closed socket still queues (up to the socket's LINGER) only
+    while its context lives, and pyzmq does not terminate its global context at interpreter
+    exit: a process that ends right after its last send loses whatever the I/O thread had not
+    written yet. Measured: a ``kvgraph run`` publishing 6,250 messages to a subscriber that
+    was reading more slowly lost the last 4,980 at exit, with LINGER set to a second. Here
+    :meth:`close` closes the sockets with a linger and waits, on a thread, for the context to
+    terminate: until every queued message is handed to the network, or the linger is over.
+    """
+
+    def __init__(self, asyncio: bool = False):
+        import zmq
+        import zmq.asyncio
+
+        self.ctx: Any = zmq.asyncio.Context() if asyncio else zmq.Context()
+
+    def socket(self, kind: int) -> Any:
+        return self.ctx.socket(kind)
+
+    async def close(self, sockets: list[Any], linger_s: float, log: Any = None) -> None:
+        import asyncio
+        import time
+
+        for s in sockets:
+            if s is not None and not s.closed:
+                s.close(linger=int(linger_s * 1000))
+        started = time.monotonic()
+        await asyncio.to_thread(self.ctx.term)
+        waited = time.monotonic() - started
+        if log is not None and waited >= 0.5:
+            log.info("waited %.1f s for subscribers to take the last messages (linger %.0f s)",
+                     waited, linger_s)

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Any, Iterable, Mapping
 
-from ..node import Bind, CheckContext, Sink, Problem, boolean, integer, string
+from ..node import Bind, CheckContext, Sink, Problem, boolean, integer, number, string
 from ..proto.zmq import parse_endpoint
 from ..registry import register
 
@@ -31,6 +31,9 @@ class ZmqSink(Sink):
         "replay_endpoint": string("ROUTER endpoint serving replay requests (always binds)."),
         "buffer_steps": integer("Batches kept for replay.", 10_000, minimum=1),
         "hwm": integer("Send high-water mark in messages.", 100_000, minimum=0),
+        "linger_s": number("On stop, how long queued messages may still take to reach a "
+                           "subscriber that reads more slowly (ZMQ LINGER); what is left after "
+                           "it is dropped.", 5.0, minimum=0),
     }
     required = ("endpoint",)
     example = 'endpoint = "tcp://*:5600"'
@@ -81,10 +84,11 @@ class ZmqSink(Sink):
 
         c = self.config
         self._encode = encode_payload
-        self._zctx = zmq.asyncio.Context.instance()
+        from ..proto.zmq import OwnContext
+
+        self._zctx = OwnContext(asyncio=True)
         sock = self._zctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, c["hwm"])
-        sock.setsockopt(zmq.LINGER, 1000)
         (sock.bind if c["bind"] else sock.connect)(c["endpoint"])
         self._sock = sock
         self._topic = c["topic"].encode()
@@ -129,9 +133,10 @@ class ZmqSink(Sink):
 
     async def stop(self) -> None:
         import asyncio
-        if self._replay_task is not None:
+        if getattr(self, "_replay_task", None) is not None:
             self._replay_task.cancel()
             await asyncio.gather(self._replay_task, return_exceptions=True)
-            self._router.close()
-        if getattr(self, "_sock", None) is not None:
-            self._sock.close()
+            self._router.close(linger=0)
+        if getattr(self, "_zctx", None) is not None:
+            await self._zctx.close([getattr(self, "_sock", None)], self.config["linger_s"],
+                                   self.log)

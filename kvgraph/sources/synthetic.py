@@ -54,6 +54,9 @@ class SyntheticSource(Source):
         "zmq_wait_subscriber_s": number("Wait up to this long for a subscriber before "
                                         "publishing (ZMQ drops what is sent before).", 0,
                                         minimum=0),
+        "zmq_linger_s": number("On stop, how long queued messages may still take to reach a "
+                               "subscriber that reads more slowly (ZMQ LINGER).", 5.0,
+                               minimum=0),
         "zmq_encoding": string("Event encoding on ZMQ: `map` (vLLM >= 0.24) or `array`.",
                                "map", enum=["map", "array"]),
     }
@@ -89,9 +92,11 @@ class SyntheticSource(Source):
         if "zmq_endpoint" in c:
             import zmq
 
-            sock = zmq.Context.instance().socket(zmq.XPUB)
+            from ..proto.zmq import OwnContext
+
+            self._zctx = OwnContext()
+            sock = self._zctx.socket(zmq.XPUB)
             sock.setsockopt(zmq.SNDHWM, 100_000)
-            sock.setsockopt(zmq.LINGER, 1000)
             sock.bind(c["zmq_endpoint"])
             self._sock = sock
             self.log.info("publishing vLLM frames on %s", c["zmq_endpoint"])
@@ -140,7 +145,7 @@ class SyntheticSource(Source):
 
     async def stop(self) -> None:
         if getattr(self, "_sock", None) is not None:
-            self._sock.close()
+            await self._zctx.close([self._sock], self.config["zmq_linger_s"], self.log)
 
 
 class Simulation:
