@@ -240,3 +240,91 @@ class GraphFile:
         path = directory / (file or f"{self.name}.toml")
         path.write_text(self.text())
         return path
+class FaultyLink:
+    """A TCP proxy in front of a server, on threads, that plays network faults: ``drop_next``
+    swallows the next chunk the client sends that contains ``marker`` and then cuts both
+    sides (the client believes it wrote the data; the server never saw it), ``cut`` breaks
+    every connection now. New connections are accepted and forwarded again at once."""
+
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1"):
+        import socket
+        import threading
+
+        self.upstream = (host, upstream_port)
+        self.listener = socket.create_server((host, 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.links: list[tuple[socket.socket, socket.socket]] = []
+        self.marker: bytes | None = None
+        self.dropped = 0
+        self.connections = 0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.links.append((client, server))
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pump(self, src, dst, from_client: bool) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self._close(src, dst)
+                return
+            if from_client:
+                with self.lock:
+                    drop = self.marker is not None and self.marker in data
+                    if drop:
+                        self.marker = None
+                        self.dropped += 1
+                if drop:
+                    self.cut()
+                    return
+            try:
+                dst.sendall(data)
+            except OSError:
+                self._close(src, dst)
+                return
+
+    @staticmethod
+    def _close(*socks) -> None:
+        import socket
+        import struct
+
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()       # a reset, as a broken network gives
+            except OSError:
+                pass
+
+    def drop_next(self, marker: bytes) -> None:
+        with self.lock:
+            self.marker = marker
+
+    def cut(self) -> None:
+        with self.lock:
+            links, self.links = self.links, []
+        for client, server in links:
+            self._close(client, server)
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        self.cut()

@@ -80,8 +80,13 @@ class NatsSink(NatsProbe, Sink):
     # -- runtime ------------------------------------------------------------------------------
     #
     # Delivery: every message is kept in ``_unconfirmed`` until a flush (core NATS: PING/PONG)
-    # or its JetStream ack proves the server has it. If the connection drops, nothing written
-    # since the last confirmation counts as delivered: after the reconnect it is sent again, in
+    # or its JetStream ack proves the server has it. A PONG proves only what was sent on the
+    # connection it came back on: every connection has a generation (``_gen``, one more at each
+    # disconnect), the messages sent so far carry the generation they were sent on
+    # (``_sent_gen``), and a flush confirms them only when no disconnect came between sending
+    # and the PONG (nats-py reconnects by itself, so a flush may be answered by a new
+    # connection that never saw them). If the connection drops, nothing written since the last
+    # confirmation counts as delivered: after the reconnect it is sent again, in
     # order (at-least-once; Dynamo's router drops a repeated event_id, and in JetStream mode the
     # message id makes the stream drop the copy). While the server is away, messages are held up
     # to max_pending_events / max_pending_bytes; past that bound ``write`` waits for the server,
@@ -96,7 +101,8 @@ class NatsSink(NatsProbe, Sink):
         c = self.config
         self._dynamo, self._jsonl = dynamo, jsonl
         self._up = asyncio.Event()
-        self.nc = await connect_node(self, on_up=self._up.set, on_down=self._up.clear)
+        self._gen = self._sent_gen = 0  # connection generations (see "Delivery" above)
+        self.nc = await connect_node(self, on_up=self._up.set, on_down=self._connection_lost)
         self._up.set()
         self._subject = c["subject"]
         self._templated = "{" in self._subject
@@ -126,6 +132,11 @@ class NatsSink(NatsProbe, Sink):
         subject = c["subject"].replace("{worker_id}", "*").replace("{dp_rank}", "*")
         if await ensure_stream(self.js, c, subject):
             self.log.info("created JetStream stream %s for %s", c["stream"], subject)
+
+    def _connection_lost(self) -> None:
+        """nats-py's disconnect callback: what was sent on the old connection is unconfirmed."""
+        self._gen += 1
+        self._up.clear()
 
     def _subject_of(self, e: Any) -> str:
         if not self._templated:
@@ -245,6 +256,9 @@ class NatsSink(NatsProbe, Sink):
             if self.js is not None:
                 await self._send_jetstream()
                 return
+            if self._sent_gen != self._gen:  # sent on a connection that is gone: again
+                self.metrics.extra["resent_messages"] += self._sent
+                self._sent, self._sent_gen = 0, self._gen
             publish = self.nc.publish
             pending = self._unconfirmed
             while self._sent < len(pending):
@@ -295,10 +309,9 @@ class NatsSink(NatsProbe, Sink):
             except asyncio.TimeoutError:
                 if self.nc.is_closed:
                     raise NodeFailure("NATS connection closed for good") from None
-        # Reconnected: everything unconfirmed may be lost with the old connection; send again.
+        # Reconnected: everything unconfirmed may be lost with the old connection; send again
+        # (_send_pending sees the new generation).
         if self._unconfirmed:
-            self.metrics.extra["resent_messages"] += self._sent
-            self._sent = 0
             await self._send_pending()
 
     async def _confirm(self) -> None:
@@ -313,6 +326,7 @@ class NatsSink(NatsProbe, Sink):
             await self._send_pending()
             if not self._up.is_set():
                 continue
+            gen = self._gen  # the PONG must come back on the connection that carried them
             try:
                 await self.nc.flush(timeout=self.config["ack_timeout_s"])
             except Exception as exc:
@@ -330,8 +344,8 @@ class NatsSink(NatsProbe, Sink):
                     continue
                 self._up.clear()  # the reconnect callback sets it again
                 continue
-            if not self._up.is_set():
-                continue  # dropped during the flush: resend after the reconnect
+            if not self._up.is_set() or self._gen != gen or self._sent_gen != gen:
+                continue  # a connection was lost since they were sent: send them again
             for _, p, n, _ in self._unconfirmed[:self._sent]:
                 self._held_events -= n
                 self._held_bytes -= len(p)
