@@ -1,6 +1,6 @@
 """The metrics contract every node emits, and its Prometheus rendering.
 
-Every node, whatever its type, has the same five counters (the contract; a test asserts it for
+Every node, whatever its type, has the same six counters (the contract; a test asserts it for
 every type):
 
 =========================  =======================================================================
@@ -9,6 +9,9 @@ every type):
 ``errors``                 events or messages the node could not handle (sent to ``errors``)
 ``discarded_intentional``  events dropped on purpose (filtered, deduplicated)
 ``discarded_unintentional`` events lost by accident (a full edge with a drop policy, no edge)
+``lost``                   what the node knows is gone for good and could not deliver or repair,
+                           each time with a loss record on ``errors`` (an engine's batches that
+                           no replay brought back, writes that failed); any makes a run not ok
 =========================  =======================================================================
 
 Types add their own counters in ``extra`` (for example ``seq_gaps`` on the zmq source); they
@@ -23,17 +26,17 @@ if TYPE_CHECKING:
     from .channel import Channel
 
 CONTRACT = ("events_in", "events_out", "errors", "discarded_intentional",
-            "discarded_unintentional")
+            "discarded_unintentional", "lost")
 
 
 class NodeMetrics:
     __slots__ = ("node", "type", "kind", "events_in", "events_out", "errors",
-                 "discarded_intentional", "discarded_unintentional", "extra")
+                 "discarded_intentional", "discarded_unintentional", "lost", "extra")
 
     def __init__(self, node: str, type_: str, kind: str):
         self.node, self.type, self.kind = node, type_, kind
         self.events_in = self.events_out = self.errors = 0
-        self.discarded_intentional = self.discarded_unintentional = 0
+        self.discarded_intentional = self.discarded_unintentional = self.lost = 0
         self.extra: dict[str, int | float] = {}
 
     def add(self, name: str, n: int | float = 1) -> None:
@@ -60,8 +63,9 @@ def prometheus(nodes: Iterable[NodeMetrics], channels: Iterable["Channel"],
         "events_in": "Events received (sources: produced).",
         "events_out": "Events emitted on out (sinks: delivered).",
         "errors": "Events or messages the node could not handle.",
+        "lost": "Known lost for good, each with a loss record (engine batches, failed writes).",
     }
-    for name in ("events_in", "events_out", "errors"):
+    for name in ("events_in", "events_out", "errors", "lost"):
         metric = f"kvgraph_node_{name}_total"
         out += [f"# HELP {metric} {helps[name]}", f"# TYPE {metric} counter"]
         out += [f"{metric}{_labels(node=m.node, type=m.type, kind=m.kind)} {getattr(m, name)}"

@@ -171,12 +171,16 @@ class NodeContext:
 
 @dataclass
 class RunResult:
-    """How a run ended. ``ok`` is True only when everything in flight was delivered."""
+    """How a run ended. ``ok`` is True only when everything in flight was delivered and no
+    node reported a loss."""
 
     ok: bool
     aborted: bool = False
     failures: dict[str, str] = field(default_factory=dict)
     lost_events: int = 0
+    #: per node, what it reported lost for good (its ``lost`` counter: an engine's batches no
+    #: replay brought back, events a sink could not write); any makes the run not ok
+    lost: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     metrics: dict[str, dict[str, int | float]] = field(default_factory=dict)
 
@@ -308,9 +312,11 @@ class Runtime:
         return self.result()
 
     def result(self) -> RunResult:
-        return RunResult(ok=not self.failures and not self.aborted and not self.lost_events,
+        lost = {nid: c.metrics.lost for nid, c in self.contexts.items() if c.metrics.lost}
+        return RunResult(ok=not self.failures and not self.aborted and not self.lost_events
+                         and not lost,
                          aborted=self.aborted, failures=dict(self.failures),
-                         lost_events=self.lost_events,
+                         lost_events=self.lost_events, lost=lost,
                          elapsed_s=time.monotonic() - self.started_at,
                          metrics={nid: c.metrics.snapshot() for nid, c in self.contexts.items()})
 

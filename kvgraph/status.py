@@ -105,11 +105,14 @@ class Status:
 
 def totals(rt: "Runtime", result: "RunResult") -> str:
     head = (f"kvgraph {rt.graph.name}: "
-            + ("done" if result.ok else "ABORTED" if result.aborted else "FAILED")
+            + ("done" if result.ok else "ABORTED" if result.aborted else
+               "FAILED" if result.failures else "done, WITH LOSSES")
             + f" after {result.elapsed_s:.1f} s")
     lines = [head, table(rt, None, 0)]
     if result.lost_events:
         lines.append(f"lost in flight: {result.lost_events} event(s)")
+    for nid, n in result.lost.items():
+        lines.append(f"lost: {nid}: {n} (see its loss records on errors, and the log)")
     for nid, why in result.failures.items():
         lines.append(f"failed: {nid}: {why}")
     return "\n".join(lines)

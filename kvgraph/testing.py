@@ -74,7 +74,7 @@ class SlowSink(CaptureSink):
 
 
 def assert_metrics_contract(snapshot: Mapping[str, Any]) -> None:
-    """Every node type emits the five contract counters (see kvgraph.metrics), as
+    """Every node type emits the six contract counters (see kvgraph.metrics), as
     non-negative integers, whatever else it counts."""
     for key in CONTRACT:
         assert key in snapshot, f"metric {key} missing"

@@ -684,3 +684,37 @@ def test_a_replay_that_never_answers_is_bounded_in_memory_and_reports_the_loss(t
         pub.close()
         silent.close()
     assert m["seq_lost"] == 1 and "more than 10 live batches" in capture("dead")[0].reason
+
+
+def test_stopping_during_a_replay_delivers_what_was_held_and_reports_the_gap(tmp_path) -> None:
+    """SIGTERM while a replay is pending (issue 11: 100 of 103 held batches were dropped, the
+    run ended ok): the live batches held for the replay are delivered, the batch the replay
+    never brought is a loss record, and the run's outcome says a loss happened."""
+    import zmq
+
+    ep, rp = endpoints(tmp_path)
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes the request, never answers
+    silent.bind(rp)
+    pub = TestEngine(ep, f"ipc://{tmp_path}/unused.sock")
+    graph = relay_graph(ep, rp, "replay_timeout_s = 3600")
+
+    async def go():
+        async with run_text(graph) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            for i in range(103):
+                pub.publish(stored_payload(0, [i + 1], i or None), drop=i == 3)
+            streams = rt.nodes["engine"].streams
+            await wait_for(lambda: streams.held_batches() == 99)  # seq 4..102, for the replay
+            rt.request_stop()   # what SIGTERM does
+        return rt.result()
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        pub.close()
+        silent.close()
+    delivered = [e.block_hashes[0] for e in capture("out")]
+    assert len(delivered) == 102 and 4 not in delivered
+    (record,) = capture("dead")
+    assert "seq 3..3" in record.reason
+    assert not result.ok and result.lost == {"engine": 1}

@@ -68,6 +68,17 @@ class SeqStreams:
                      "replayed_batches", "late_duplicates"):
             metrics.extra.setdefault(name, 0)
 
+    def held_batches(self) -> int:
+        """Batches held for replays in flight."""
+        return sum(len(st.pending) for st in self.streams.values())
+
+    def finish_all(self, out: list[Event], rejected: list[Rejected], now: float,
+                   why: str) -> None:
+        """End every replay in flight (the source is stopping): what is held is applied, in
+        seq order, and what the replays did not bring is reported lost, with ``why``."""
+        for rank, rp in list(self.replays.items()):
+            self._finish(rank, rp, out, rejected, now, why)
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _lost(self, key: Key, first: int, last: int, why: str, rejected: list[Rejected],
@@ -76,6 +87,7 @@ class SeqStreams:
         if n <= 0:
             return
         self.metrics.extra["seq_lost"] += n
+        self.metrics.lost += n
         topic = key[0].decode(errors="replace") or "(no topic)"
         reason = (f"lost {n} batch(es), seq {first}..{last} of {topic} rank {key[1]}: {why}")
         self.log.problem("lost", "%s", reason)

@@ -214,6 +214,21 @@ class ZmqSource(Source):
                                      "with KV events enabled, publishing there?",
                                      self._endpoints, silence.elapsed())
                 await self._readable.wait(0.01)
+        # Stopping: batches held for a replay in flight are delivered, not dropped, and the
+        # gap the replay did not fill is reported lost.
+        events, rejected = [], []
+        streams.finish_all(events, rejected, time.time(), "kvgraph stopped before the replay "
+                           "ended")
+        if events:
+            self.metrics.events_in += len(events)
+            await emit(events)
+        if rejected:
+            await reject(rejected)
+
+    @property
+    def streams(self) -> Any:
+        """The per-engine sequence tracking (gap repair, replays) of this source."""
+        return self._ingest.streams
 
     async def stop(self) -> None:
         if getattr(self, "_readable", None) is not None:
