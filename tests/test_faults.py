@@ -655,20 +655,30 @@ to = "idx"
     assert f"nodes.idx.port: cannot bind http://127.0.0.1:{taken}" in out
 
 
+@contextlib.contextmanager
+def engine_without_replies(tmp_path):
+    """A test engine whose replay endpoint takes requests and never answers, and a relay graph
+    reading it (replay_timeout_s = 3600: the replay stays pending)."""
+    import zmq
+
+    ep, rp = endpoints(tmp_path)
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    silent.bind(rp)
+    pub = TestEngine(ep, f"ipc://{tmp_path}/unused.sock")
+    try:
+        yield pub, relay_graph(ep, rp, "replay_timeout_s = 3600")
+    finally:
+        pub.close()
+        silent.close()
+
+
 def test_a_replay_that_never_answers_is_bounded_in_memory_and_reports_the_loss(tmp_path,
                                                                                monkeypatch):
     """A replay endpoint that accepts requests but never answers: the live batches held
     meanwhile are bounded, and the gap is reported, not waited on for ever."""
-    import zmq
-
     from kvgraph.sources import _seq
 
     monkeypatch.setattr(_seq, "MAX_HELD_BATCHES", 10)
-    ep, rp = endpoints(tmp_path)
-    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes requests, answers nothing
-    silent.bind(rp)
-    pub = TestEngine(ep, f"ipc://{tmp_path}/unused.sock")
-    graph = relay_graph(ep, rp, "replay_timeout_s = 3600")
 
     async def go():
         async with run_text(graph) as rt:
@@ -678,11 +688,8 @@ def test_a_replay_that_never_answers_is_bounded_in_memory_and_reports_the_loss(t
             await wait_for(lambda: len(capture("out")) == 29 and len(capture("dead")) == 1)
         return rt.result().metrics["engine"]
 
-    try:
+    with engine_without_replies(tmp_path) as (pub, graph):
         m = asyncio.run(go())
-    finally:
-        pub.close()
-        silent.close()
     assert m["seq_lost"] == 1 and "more than 10 live batches" in capture("dead")[0].reason
 
 
@@ -690,14 +697,6 @@ def test_stopping_during_a_replay_delivers_what_was_held_and_reports_the_gap(tmp
     """SIGTERM while a replay is pending (issue 11: 100 of 103 held batches were dropped, the
     run ended ok): the live batches held for the replay are delivered, the batch the replay
     never brought is a loss record, and the run's outcome says a loss happened."""
-    import zmq
-
-    ep, rp = endpoints(tmp_path)
-    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes the request, never answers
-    silent.bind(rp)
-    pub = TestEngine(ep, f"ipc://{tmp_path}/unused.sock")
-    graph = relay_graph(ep, rp, "replay_timeout_s = 3600")
-
     async def go():
         async with run_text(graph) as rt:
             await asyncio.to_thread(pub.wait_subscribed)
@@ -708,11 +707,8 @@ def test_stopping_during_a_replay_delivers_what_was_held_and_reports_the_gap(tmp
             rt.request_stop()   # what SIGTERM does
         return rt.result()
 
-    try:
+    with engine_without_replies(tmp_path) as (pub, graph):
         result = asyncio.run(go())
-    finally:
-        pub.close()
-        silent.close()
     delivered = [e.block_hashes[0] for e in capture("out")]
     assert len(delivered) == 102 and 4 not in delivered
     (record,) = capture("dead")
