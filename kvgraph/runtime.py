@@ -22,6 +22,7 @@ drained and counted as lost, so that nothing upstream blocks for ever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -478,7 +479,10 @@ class Runtime:
                     raise
                 except Exception as exc:
                     if not await self._handle_batch_error(node.id, batch, exc):
-                        self.lost_events += pending
+                        if pending and node.can_confirm():  # written before the failure:
+                            with contextlib.suppress(Exception):  # delivered if confirmed
+                                await confirm()
+                        self.lost_events += pending + n  # the batch it failed on, too
                         release_all(unconfirmed + list(acks_of(batch)), failed=True)
                         await self._drain_dead(node.id)
                         return

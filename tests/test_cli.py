@@ -253,3 +253,48 @@ def test_ctrl_c_while_nodes_connect_is_handled_and_twice_abandons_the_start(
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def _file_size_limit(limit: int):
+    """For a child process: files larger than ``limit`` bytes cannot be written (EFBIG), as
+    on a full disk, without filling one."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # an error from write(), not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_ends_the_run_with_every_event_delivered_or_counted_lost(
+        tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    graph = (GraphFile("full").node("engines", "synthetic", rate=0, max_events=20_000)
+             .node("recording", "file", path=str(out)).edge("engines", "recording")
+             .write(tmp_path))
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "kvgraph", "run", str(graph), "--status",
+                             "off", "--report", str(report)], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, preexec_fn=_file_size_limit(200_000))
+    assert result.returncode == 1, result.stderr
+    assert "cannot write to" in result.stderr and "Traceback" not in result.stderr
+    lines = out.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)      # no partial line at the end
+    data = json.loads(report.read_text())
+    produced = data["metrics"]["engines"]["events_out"]
+    assert data["metrics"]["recording"]["events_out"] == len(lines)
+    assert produced == len(lines) + data["lost_events"] and data["lost_events"] > 0
+
+
+def test_a_file_that_refuses_every_write_fails_the_run_and_counts_the_loss(
+        tmp_path: Path) -> None:
+    graph = (GraphFile("refused").node("engines", "synthetic", rate=0, max_events=20_000)
+             .node("recording", "file", path="/dev/full").edge("engines", "recording")
+             .write(tmp_path))
+    report = tmp_path / "report.json"
+    result = run(graph, "--report", str(report))
+    assert result.returncode == 1 and "cannot write to /dev/full" in result.stderr
+    data = json.loads(report.read_text())
+    assert not data["ok"] and data["metrics"]["recording"]["events_out"] == 0
+    assert data["lost_events"] == data["metrics"]["engines"]["events_out"] > 0
