@@ -714,3 +714,38 @@ def test_stopping_during_a_replay_delivers_what_was_held_and_reports_the_gap(tmp
     (record,) = capture("dead")
     assert "seq 3..3" in record.reason
     assert not result.ok and result.lost == {"engine": 1}
+
+
+def test_duplicate_and_absurd_sequence_numbers_are_anomalies_not_restarts(tmp_path) -> None:
+    """A repeated seq, or a seq of 2^63 or 2^64-1 (issue 11), must not send a false `cleared`
+    (it wipes that worker in every router) nor loss records for 9.2e18 batches: a copy is
+    skipped and counted, an absurd seq is rejected and counted, and the stream goes on."""
+    ep = f"ipc://{tmp_path}/engine.sock"
+    pub = TestEngine(ep, f"ipc://{tmp_path}/replay.sock")
+    topic = b"kv@pod-a@m"
+
+    def send(seq: int, block: int) -> None:
+        pub.send([topic, seq.to_bytes(8, "big"), stored_payload(0, [block], block - 1 or None)])
+
+    async def go():
+        async with run_text(engine_graph(ep, "worker_id = 1")) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            for seq, block in [(0, 1), (1, 2), (2, 3)]:
+                send(seq, block)
+            pub.send([topic, (2).to_bytes(8, "big"), stored_payload(0, [3], 2)])  # a copy
+            send(2**63, 99)
+            send(3, 4)
+            send(2**64 - 1, 98)
+            send(4, 5)
+            await wait_for(lambda: len(capture("out")) == 5 and len(capture("dead")) == 2)
+        return rt.result().metrics["engine"]
+
+    try:
+        m = asyncio.run(go())
+    finally:
+        pub.close()
+    assert [(e.kind, e.block_hashes) for e in capture("out")] == \
+        [("stored", [b]) for b in (1, 2, 3, 4, 5)]
+    assert m["seq_duplicates"] == 1 and m["seq_anomalies"] == 2
+    assert m["seq_resets"] == 0 and m["seq_lost"] == 0 and m["seq_gaps"] == 0
+    assert all("not a plausible engine sequence" in r.reason for r in capture("dead"))

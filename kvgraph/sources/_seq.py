@@ -14,8 +14,15 @@ engine restarted with an empty cache. Per stream this module:
 * on a restart, emits a ``cleared`` event for that (worker, DP rank) before the new batches;
 * optionally fetches the buffered history at start (``replay_on_connect``).
 
+* a batch repeated under the same seq (the same bytes) is a copy: skipped, counted;
+* a seq no engine can send (2^63 and above; vLLM's end-of-replay marker is 2^64-1), a jump of
+  more than ``MAX_SEQ_JUMP`` batches, or other content under the seq just applied, is an
+  anomaly: the batch is rejected with the reason and counted, and the stream goes on as it was
+  (taken as a restart or a gap, it would send a false ``cleared`` or report 9.2e18 batches lost).
+
 Counters: ``seq_gaps``, ``seq_missing`` (batches missing when gaps were seen), ``replays``,
-``replayed_batches``, ``seq_lost`` (batches finally lost), ``seq_resets``.
+``replayed_batches``, ``seq_lost`` (batches finally lost), ``seq_resets``, ``seq_duplicates``,
+``seq_anomalies``.
 """
 
 from __future__ import annotations
@@ -34,10 +41,17 @@ Key = tuple[bytes, int]  # (topic, dp_rank)
 #: did not bring is reported lost), so that a slow replay cannot grow memory without bound.
 MAX_HELD_BATCHES = 20_000
 
+#: Larger jumps are anomalies, not gaps: 2^32 batches is seven weeks of an engine publishing a
+#: thousand batches a second, all dropped, without the stream ever starting over.
+MAX_SEQ_JUMP = 2**32
+#: Engines count from 0 by one; no engine reaches 2^63 (vLLM's replay end marker is 2^64-1).
+SEQ_LIMIT = 2**63
+
 
 @dataclass
 class _Stream:
     last: int | None = None                      # last seq applied
+    last_payload: bytes = b""                    # its bytes: a copy of it is a duplicate
     repairing: bool = False
     # batches held while repairing, live and replayed alike: seq -> events
     pending: dict[int, list[Event]] = field(default_factory=dict)
@@ -65,7 +79,7 @@ class SeqStreams:
         self.streams: dict[Key, _Stream] = {}
         self.replays: dict[int, _Replay] = {}   # rank -> the replay in flight on its DEALER
         for name in ("seq_gaps", "seq_missing", "seq_resets", "seq_lost", "replays",
-                     "replayed_batches", "late_duplicates"):
+                     "replayed_batches", "late_duplicates", "seq_duplicates", "seq_anomalies"):
             metrics.extra.setdefault(name, 0)
 
     def held_batches(self) -> int:
@@ -93,6 +107,17 @@ class SeqStreams:
         self.log.problem("lost", "%s", reason)
         rejected.append(Rejected(node=self.node_id, reason=reason, ts=now))
 
+    def _anomaly(self, topic: bytes, rank: int, seq: int, last: int | None,
+                 rejected: list[Rejected], now: float) -> None:
+        self.metrics.extra["seq_anomalies"] += 1
+        what = "other content under the seq just applied" if seq == last else \
+            f"after {last}" if last is not None else "as a first seq"
+        reason = (f"seq {seq} on {topic.decode(errors='replace') or '(no topic)'} rank {rank} "
+                  f"({what}) is not a plausible engine sequence; batch rejected, the stream "
+                  "goes on from seq " + ("?" if last is None else str(last)))
+        self.log.problem("anomaly", "%s", reason)
+        rejected.append(Rejected(node=self.node_id, reason=reason, ts=now))
+
     def _cleared(self, key: Key, out: list[Event], now: float) -> None:
         out.append(Event(kind=CLEARED, worker_id=self.worker_of(key[0]), dp_rank=key[1], ts=now))
 
@@ -117,9 +142,17 @@ class SeqStreams:
                              f"more than {MAX_HELD_BATCHES} live batches arrived during the replay")
             return
         last = st.last
-        if last is None or seq == last + 1:
+        if seq == (last + 1 if last is not None else seq) and seq < SEQ_LIMIT:
             st.last = seq
+            st.last_payload = payload
             out.extend(events)
+            return
+        if last is not None and seq == last and payload == st.last_payload:
+            self.metrics.extra["seq_duplicates"] += 1  # the same batch again: applied once
+            return
+        if seq >= SEQ_LIMIT or last is not None and (seq > last + MAX_SEQ_JUMP
+                                                      or seq == last != 0):
+            self._anomaly(topic, rank, seq, last, rejected, now)
             return
         if seq <= last and st.replayed.get(seq) == xxhash.xxh3_64_intdigest(payload):
             self.metrics.extra["late_duplicates"] += 1  # already applied from the replay
