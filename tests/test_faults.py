@@ -490,7 +490,8 @@ def test_a_frozen_server_is_waited_for_not_mistaken_for_a_lost_connection() -> N
 def test_sigkill_with_jetstream_input_loses_nothing_and_dedup_ids_prevent_copies(tmp_path) -> None:
     """A JetStream stream IN feeds kvgraph, which publishes to a JetStream stream OUT with a
     duplicate window. kvgraph is SIGKILLed mid-stream and started again: the unacked input is
-    redelivered (at least once), and the content-derived message ids keep OUT free of copies."""
+    redelivered (at least once), and the message ids (the input's stream sequence, with the
+    default events_per_message: issue 11 saw 230 copies there) keep OUT free of copies."""
     import os
     import signal
     import subprocess
@@ -526,7 +527,6 @@ type = "nats"
 url = "{server.url}"
 subject = "out.events"
 format = "jsonl"
-events_per_message = 1
 jetstream = true
 stream = "OUT"
 create_stream = true
@@ -552,15 +552,18 @@ to = "output"
         info = await js.stream_info("OUT")
         sub = await js.pull_subscribe("out.events", None, stream="OUT")
         seen: set[int] = set()
+        copies = 0
         while True:
             try:
                 msgs = await sub.fetch(1000, timeout=0.5)
             except Exception:
                 break
             for m in msgs:
-                seen.add(json.loads(m.data)["block_hashes"][0])
+                for line in m.data.splitlines():
+                    seen.add(json.loads(line)["block_hashes"][0])
+                    copies += 1
                 await m.ack()
-        return info.state.messages, seen
+        return copies, seen
 
     async def go():
         nc = await nats.connect(server.url)
@@ -749,3 +752,60 @@ def test_duplicate_and_absurd_sequence_numbers_are_anomalies_not_restarts(tmp_pa
     assert m["seq_duplicates"] == 1 and m["seq_anomalies"] == 2
     assert m["seq_resets"] == 0 and m["seq_lost"] == 0 and m["seq_gaps"] == 0
     assert all("not a plausible engine sequence" in r.reason for r in capture("dead"))
+
+
+def test_identical_events_are_distinct_messages_for_jetstream_dedup(tmp_path) -> None:
+    """Message ids once came from the content: identical events published inside the
+    duplicate window were dropped by the stream as copies, and counted delivered (issue 11).
+    Ids name the events' origin now, so identical events are all kept."""
+    import nats
+
+    from kvgraph.testing import NatsServer
+
+    server = NatsServer().start()
+    recording = tmp_path / "same.jsonl"
+    recording.write_text('{"kind":"removed","worker_id":1,"dp_rank":0,"block_hashes":[7]}\n' * 6)
+    graph = (GraphFile("same").node("recording", "file", path=str(recording), format="jsonl")
+             .node("bus", "nats", url=server.url, subject="same.events", format="jsonl",
+                   events_per_message=1, jetstream=True, stream="SAME", create_stream=True,
+                   dedup_window_s=120)
+             .edge("recording", "bus"))
+
+    async def go():
+        async with run_text(graph.text()) as rt:
+            await wait_for(lambda: rt.contexts["bus"].metrics.events_out == 6)
+        nc = await nats.connect(server.url)
+        info = await nc.jetstream().stream_info("SAME")
+        await nc.close()
+        return info.state.messages
+
+    try:
+        assert asyncio.run(go()) == 6
+    finally:
+        server.close()
+
+
+def test_a_jetstream_source_applies_its_worker_id_override() -> None:
+    import nats
+
+    from kvgraph.testing import NatsServer
+
+    server = NatsServer().start()
+    graph = (GraphFile("override").node("bus", "nats", url=server.url, subject="ov.events",
+                                        format="jsonl", jetstream=True, stream="OV",
+                                        create_stream=True, durable="kvgraph", worker_id=42)
+             .node("out", "capture").edge("bus", "out"))
+
+    async def go():
+        async with run_text(graph.text()):
+            nc = await nats.connect(server.url)
+            await nc.jetstream().publish(
+                "ov.events", b'{"kind":"cleared","worker_id":1,"dp_rank":0}\n')
+            await nc.close()
+            await wait_for(lambda: len(capture("out")) == 1)
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.close()
+    assert capture("out")[0].worker_id == 42

@@ -13,8 +13,6 @@ import time
 
 from typing import Any, Iterable, Mapping
 
-import xxhash
-
 from ..errors import NodeFailure
 from ..event import STORED, Event
 from ..node import CheckContext, Sink, Problem, boolean, integer, number, string
@@ -226,15 +224,18 @@ class NatsSink(NatsProbe, Sink):
                 or self._held_bytes >= c["max_pending_bytes"])
 
     async def write(self, batch: list[Any]) -> None:
-        messages, bad = self._encode(batch)
+        if self.js is not None:
+            messages, bad = self._encode_identified(batch)
+        else:
+            encoded, bad = self._encode(batch)
+            messages = [(s, p, n, "") for s, p, n in encoded]
         await self.ctx.reject(bad)
-        for subject, payload, n in messages:
+        for subject, payload, n, msg_id in messages:
             while self._over_bound():
                 if self._up.is_set() and self.js is None:
                     await self._confirm()       # make room by confirming what was sent
                 else:
                     await self._wait_up()       # the server is away: hold, then backpressure
-            msg_id = self._msg_id(subject, payload) if self.js is not None else ""
             self._unconfirmed.append((subject, payload, n, msg_id))
             self._held_events += n
             self._held_bytes += len(payload)
@@ -242,13 +243,34 @@ class NatsSink(NatsProbe, Sink):
                 await self._send_pending()
         self.metrics.extra["held_events"] = self._held_events
 
-    def _msg_id(self, subject: str, payload: bytes) -> str:
-        """JetStream's message id: from the content when it is deterministic (jsonl: the same
-        events give the same id, across restarts too); else publisher id and sequence."""
-        self._msg_seq += 1
-        if self.config["format"] == "jsonl":
-            return xxhash.xxh3_128_hexdigest(payload, len(subject))
-        return f"{self._envelope.publisher_id:x}-{self._msg_seq}"
+    # JetStream message ids name a message's events, not their content. Events that carry
+    # their origin (an engine's batch: worker, DP rank, seq and the batch's timestamp; a
+    # JetStream input message: its stream sequence) are cut into messages at origin
+    # boundaries, so that the same events always make the same messages, and the id is that
+    # origin plus the chunk's index: a copy sent again after a reconnect or a restart of
+    # kvgraph has the same id and the stream drops it, while distinct events, even identical
+    # ones, never share an id (the timestamp tells an engine's seq 0 from the seq 0 it sends
+    # after it restarts). Events with no origin (the api source, files without seq) get the
+    # publisher id and a sequence: unique, so never dropped, but not recognisable after a
+    # restart of kvgraph.
+
+    def _encode_identified(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int, str]],
+                                                            list[Any]]:
+        out: list[tuple[str, bytes, int, str]] = []
+        bad: list[Any] = []
+        for origin, run in _runs_by_origin(batch):
+            messages, rejected = self._encode(run)
+            bad += rejected
+            for chunk, (subject, payload, n) in enumerate(messages):
+                out.append((subject, payload, n, self._msg_id(origin, chunk)))
+        return out, bad
+
+    def _msg_id(self, origin: tuple[Any, ...] | None, chunk: int) -> str:
+        if origin is None:
+            self._msg_seq += 1
+            return f"{self._envelope.publisher_id:x}-{self._msg_seq}"
+        worker, rank, seq, ts = origin
+        return f"{worker}.{rank}.{seq}.{ts!r}.{chunk}"
 
     async def _send_pending(self) -> None:
         """Send what this connection has not sent yet, in order."""
@@ -371,3 +393,17 @@ class NatsSink(NatsProbe, Sink):
             except Exception:
                 pass
             await nc.close()
+
+
+def _runs_by_origin(batch: list[Any]) -> list[tuple[tuple[Any, ...] | None, list[Any]]]:
+    """Consecutive items of one origin (worker, DP rank, seq, ts); items with no seq (or not
+    events) have origin None."""
+    runs: list[tuple[tuple[Any, ...] | None, list[Any]]] = []
+    for e in batch:
+        seq = getattr(e, "seq", None)
+        origin = None if seq is None else (e.worker_id, e.dp_rank, seq, e.ts)
+        if runs and runs[-1][0] == origin:
+            runs[-1][1].append(e)
+        else:
+            runs.append((origin, [e]))
+    return runs

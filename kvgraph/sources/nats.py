@@ -127,12 +127,31 @@ class NatsSource(NatsProbe, Source):
             events: list[Event] = []
             rejected: list[Rejected] = []
             for msg in msgs:
+                first = len(events)
                 self._decode(msg.data, events, rejected)
+                events[first:] = self._stamped(events[first:], msg.metadata.sequence.stream)
             ack = Ack(lambda m=msgs: self._settle(m, True), lambda m=msgs: self._settle(m, False))
             self.metrics.events_in += len(events)
             await self.ctx.emit(events, acks=(ack,))
             await self.ctx.reject(rejected)  # malformed: reported, and acked (no retry helps)
             ack.release()
+
+    def _stamped(self, events: list[Event], stream_seq: int | None = None) -> list[Event]:
+        """The ``worker_id`` override, and (JetStream) the origin of events that carry none:
+        the input message's stream sequence as their ``seq``, so that a sink's message ids
+        stay the same when the message is delivered again (after a restart of kvgraph)."""
+        wid = self.config.get("worker_id")
+        if wid is None and stream_seq is None:
+            return events
+        out = []
+        for e in events:
+            changes: dict[str, Any] = {}
+            if wid is not None:
+                changes["worker_id"] = wid
+            if stream_seq is not None and e.seq is None:
+                changes["seq"] = stream_seq
+            out.append(msgspec.structs.replace(e, **changes) if changes else e)
+        return out
 
     def _settle(self, msgs: list[Any], ok: bool) -> None:
         import asyncio
@@ -189,9 +208,7 @@ class NatsSource(NatsProbe, Source):
         buf = self._buf
         while buf and len(events) < 4096:
             self._decode(buf.popleft(), events, rejected)
-        wid = self.config.get("worker_id")
-        if wid is not None:
-            events = [msgspec.structs.replace(e, worker_id=wid) for e in events]
+        events = self._stamped(events)
         self.metrics.events_in += len(events)
         await self.ctx.emit(events)
         await self.ctx.reject(rejected)
