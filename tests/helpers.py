@@ -99,10 +99,17 @@ class ZmqPublisher:
         self.endpoint = endpoint
 
     def wait_subscribed(self, timeout_ms: int = 10_000) -> None:
-        if not self.sock.poll(timeout_ms, self.zmq.POLLIN):
-            raise AssertionError("no subscriber connected")
-        msg = self.sock.recv()
-        assert msg[:1] == b"\x01", msg
+        """Until a subscription arrives (an unsubscription, from a subscriber that went away,
+        is skipped)."""
+        import time
+
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0 or not self.sock.poll(left, self.zmq.POLLIN):
+                raise AssertionError("no subscriber connected")
+            if self.sock.recv()[:1] == b"\x01":
+                return
 
     def send(self, frames: list[bytes]) -> None:
         self.sock.send_multipart(frames)

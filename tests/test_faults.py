@@ -809,3 +809,51 @@ def test_a_jetstream_source_applies_its_worker_id_override() -> None:
     finally:
         server.close()
     assert capture("out")[0].worker_id == 42
+
+
+def test_a_flooding_replay_endpoint_is_bounded(tmp_path, monkeypatch) -> None:
+    """A replay endpoint that answers one request with far more batches than it should (RSS
+    grew from 49 MB to 1.37 GB in a 2 s replay, issue 11): past the bound the replay is given
+    up, the gap it left is reported, and the stream goes on."""
+    import threading
+
+    import zmq
+
+    from kvgraph.sources import _seq
+
+    monkeypatch.setattr(_seq, "MAX_HELD_BATCHES", 50)
+    ep, rp = endpoints(tmp_path)
+    flood = zmq.Context.instance().socket(zmq.ROUTER)
+    flood.bind(rp)
+    pub = TestEngine(ep, f"ipc://{tmp_path}/unused.sock")
+    stop = threading.Event()
+
+    def answer_with_a_flood() -> None:
+        if not flood.poll(10_000):
+            return
+        ident, _, _start = flood.recv_multipart()
+        seq = 100
+        while not stop.is_set() and seq < 100_000:   # never the end marker
+            flood.send_multipart([ident, b"", b"kv@pod-a@m", seq.to_bytes(8, "big"),
+                                  stored_payload(0, [10**6 + seq], None)])
+            seq += 1
+
+    threading.Thread(target=answer_with_a_flood, daemon=True).start()
+
+    async def go():
+        async with run_text(relay_graph(ep, rp, "replay_timeout_s = 3600")) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            for i in range(5):
+                pub.publish(stored_payload(0, [i + 1], i or None), drop=i == 2)
+            await wait_for(lambda: any("more than 50" in r.reason for r in capture("dead")))
+            stop.set()
+            assert rt.nodes["engine"].streams.held_batches() == 0
+        return rt.result()
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        stop.set()
+        pub.close()
+        flood.close(0)
+    assert not result.ok and result.metrics["engine"]["seq_lost"] >= 1

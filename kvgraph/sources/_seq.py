@@ -37,8 +37,9 @@ from ..event import CLEARED, Event, Rejected
 
 Key = tuple[bytes, int]  # (topic, dp_rank)
 
-#: Live batches held while a replay runs, at most; past it the replay is given up (and what it
-#: did not bring is reported lost), so that a slow replay cannot grow memory without bound.
+#: Batches held while a replay runs (live ones, and replayed ones), at most; past it the replay
+#: is given up (and what it did not bring is reported lost), so that a slow replay, or one that
+#: floods (seen: 1.37 GB in 2 s), cannot grow memory without bound.
 MAX_HELD_BATCHES = 20_000
 
 #: Larger jumps are anomalies, not gaps: 2^32 batches is seven weeks of an engine publishing a
@@ -225,6 +226,10 @@ class SeqStreams:
         if rp.key is not None and key != rp.key:
             return
         st = self.streams.setdefault(key, _Stream(repairing=True))
+        if len(st.pending) >= MAX_HELD_BATCHES:  # a replay that floods: memory stays bounded
+            self._finish(rank, rp, out, rejected, now,
+                         f"the replay sent more than {MAX_HELD_BATCHES} batches")
+            return
         self.metrics.extra["replayed_batches"] += 1
         st.replayed[seq] = xxhash.xxh3_64_intdigest(payload)
         if len(st.replayed) > 4 * 10_000:  # vLLM buffers 10,000 batches: keep the newest

@@ -181,7 +181,7 @@ class ZmqSource(Source):
             got = False  # any message at all (an engine's empty batch says it is there too)
             now = time.time()
             for rank, dealer in self._dealers.items():
-                while True:
+                for _ in range(limit):  # a flooding replay endpoint cannot hold the loop
                     try:
                         frames = dealer.recv_multipart(noblock)
                     except again:
