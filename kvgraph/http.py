@@ -2,6 +2,13 @@
 
 One request per connection, bodies bounded, JSON errors: enough for Prometheus scrapes and
 routers' queries, with no dependency. Every malformed request gets a 4xx with a clear message.
+
+What a client can make it hold is bounded: request bodies in memory at once (all connections
+together, ``BODY_BUDGET``; a request past it gets 503 at once, before its body is read), the
+time a request may take to arrive (``READ_TIMEOUT_S``), and the time an answer may wait for a
+client that does not read it (``WRITE_TIMEOUT_S``; then the connection is dropped with what it
+held). Measured before: 100 clients that never read ``/dump`` held 14.4 GB; partial 8 MB
+bodies held 1.41 GB for 30 s.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ Handler = Callable[[str, str, bytes], Awaitable[Response] | Response]
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
-            422: "Unprocessable Entity", 500: "Internal Server Error"}
+            422: "Unprocessable Entity", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
 class HttpError(Exception):
@@ -34,10 +42,33 @@ def _error(status: int, message: str) -> Response:
     return json_response({"error": message}, status)
 
 
-async def _read_request(reader: asyncio.StreamReader, max_body: int) -> tuple[str, str, bytes]:
+READ_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 10.0
+BODY_BUDGET = 64 * 1024 * 1024
+
+
+class _Budget:
+    """Bytes of request bodies held at once, over all connections; ``stats`` (the node's
+    metrics, say) shows ``http_body_bytes`` held and ``http_slow_clients_dropped``."""
+
+    def __init__(self, total: int, stats: dict[str, Any]):
+        self.left, self.total, self.stats = total, total, stats
+        stats.setdefault("http_body_bytes", 0)
+        stats.setdefault("http_slow_clients_dropped", 0)
+
+    def take(self, n: int) -> None:
+        self.left -= n
+        self.stats["http_body_bytes"] = self.total - self.left
+
+    def give(self, n: int) -> None:
+        self.take(-n)
+
+
+async def _read_request(reader: asyncio.StreamReader, max_body: int,
+                        budget: _Budget) -> tuple[str, str, bytes]:
     import asyncio
 
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3:
@@ -57,19 +88,29 @@ async def _read_request(reader: asyncio.StreamReader, max_body: int) -> tuple[st
             raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
     if length > max_body:
         raise HttpError(413, f"body of {length} bytes is over the limit of {max_body}")
-    body = await asyncio.wait_for(reader.readexactly(length), 30) if length else b""
+    if not length:
+        return method, path, b""
+    if length > budget.left:
+        raise HttpError(503, "too many request bodies in flight; try again")
+    budget.take(length)
+    try:
+        body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT_S)
+    finally:
+        budget.give(length)
     return method, path, body
 
 
-async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20) -> Any:
+async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20,
+                stats: dict[str, Any] | None = None) -> Any:
     """Start serving; returns the asyncio Server (``server.sockets[0]`` has the real port)."""
     import asyncio
 
+    budget = _Budget(BODY_BUDGET, {} if stats is None else stats)
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                method, path, body = await _read_request(reader, max_body)
+                method, path, body = await _read_request(reader, max_body, budget)
                 result = handler(method, path, body)
                 status, ctype, payload = await result if asyncio.iscoroutine(result) \
                     else result  # type: ignore[misc]
@@ -82,7 +123,11 @@ async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20)
             writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}"
                          f"\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
                          .encode() + payload)
-            await writer.drain()
+            del payload
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        except asyncio.TimeoutError:  # a client that does not read: drop what it holds
+            writer.transport.abort()
+            budget.stats["http_slow_clients_dropped"] += 1
         except ConnectionError:
             pass
         finally:

@@ -352,3 +352,51 @@ def test_batch_on_an_unknown_parent() -> None:
     apply(via, through("batch", batches))
     assert direct.held((0, 0)) != via.held((0, 0))
     assert 8 in direct.held((0, 0)) and 8 not in via.held((0, 0))
+
+
+def test_what_clients_can_make_the_http_server_hold_is_bounded(monkeypatch) -> None:
+    """Issue 11: a 1M-token query held the relay for 165 ms, clients that never read a big
+    answer grew memory by gigabytes, partial bodies were held for 30 s. Now: a query over
+    max_query_tokens is a 413; bodies in flight share a budget (503 past it); an answer a
+    client does not read is dropped after WRITE_TIMEOUT_S."""
+    import socket
+
+    from kvgraph import http as server
+
+    monkeypatch.setattr(server, "WRITE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(server, "BODY_BUDGET", 3000)
+    blocks = 4000   # a /dump of tens of MB: more than the sockets' buffers can take
+    FEEDS["bounds"] = [[stored(w, list(range(4 * blocks)),
+                               list(range(w * 10**6, w * 10**6 + blocks))) for w in range(1, 9)]]
+    graph = INDEX_GRAPH.format(feed="bounds").replace(
+        "max_body_bytes = 4096", "max_body_bytes = 4096\nmax_query_tokens = 64")
+
+    def connect(request: bytes) -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.sendall(request)
+        return s
+
+    async def go():
+        nonlocal port
+        async with run_text(graph) as rt:
+            port = rt.nodes["idx"].port
+            stats = rt.contexts["idx"].metrics.extra
+            await wait_for(lambda: rt.contexts["idx"].metrics.events_in == 8)
+            too_long = await asyncio.to_thread(http, port, "POST", "/query", json.dumps(
+                {"token_ids": list(range(65))}).encode())
+            held = connect(b"POST /query HTTP/1.1\r\nContent-Length: 2500\r\n\r\n{")
+            await wait_for(lambda: stats["http_body_bytes"] == 2500)
+            over_budget = await asyncio.to_thread(http, port, "POST", "/query", json.dumps(
+                {"token_ids": list(range(4))}).encode().ljust(1000))
+            unread = connect(b"GET /dump HTTP/1.1\r\n\r\n")   # and never read
+            await wait_for(lambda: stats["http_slow_clients_dropped"] == 1, timeout=10)
+            held.close()
+            unread.close()
+        return too_long, over_budget
+
+    port = 0
+    too_long, over_budget = asyncio.run(go())
+    assert too_long[0] == 413 and b"max_query_tokens" in too_long[1]
+    assert over_budget[0] == 503

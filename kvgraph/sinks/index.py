@@ -43,6 +43,9 @@ class IndexSink(Sink):
                               "(bounds memory).", 50_000_000, minimum=1),
         "max_body_bytes": integer("Largest HTTP request body accepted.", 8 * 1024 * 1024,
                                   minimum=1024),
+        "max_query_tokens": integer("Most token ids (or hashes times block_size) in one "
+                                    "query; more is refused with 413 (a 1M-token query held the "
+                                    "relay for 165 ms).", 262_144, minimum=1),
     }
     example = "port = 8090\nblock_size = 16"
 
@@ -68,7 +71,8 @@ class IndexSink(Sink):
         self.index = PrefixIndex(c["max_blocks"])
         for name in ("unknown_removes", "rejected_stores"):
             self.metrics.extra.setdefault(name, 0)
-        self._server = await serve(self._handle, c["host"], c["port"], c["max_body_bytes"])
+        self._server = await serve(self._handle, c["host"], c["port"], c["max_body_bytes"],
+                                   self.metrics.extra)
         self.port = self._server.sockets[0].getsockname()[1]
         self.log.info("index queries on http://%s:%d", c["host"], self.port)
 
@@ -158,9 +162,16 @@ class IndexSink(Sink):
             raise HttpError(422, f"{key!r} must be a list of integers in 0..{limit}")
         return v
 
+    def _bounded(self, n: int, what: str) -> None:
+        limit = self.config["max_query_tokens"]
+        if n > limit:
+            raise HttpError(413, f"{what} over the limit of {limit} tokens per query "
+                                 "(max_query_tokens)")
+
     def _http_query(self, body: bytes) -> dict[str, Any]:
         data = self._json_body(body)
         tokens = self._int_list(data, "token_ids", 0xFFFFFFFF)
+        self._bounded(len(tokens), f"{len(tokens)} token ids:")
         for key in ("lora_name", "cache_salt"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise HttpError(422, f"{key!r} must be a string")
@@ -168,4 +179,6 @@ class IndexSink(Sink):
 
     def _http_query_by_hash(self, body: bytes) -> dict[str, Any]:
         data = self._json_body(body)
-        return self.query_by_hash(self._int_list(data, "block_hashes", (1 << 64) - 1))
+        hashes = self._int_list(data, "block_hashes", (1 << 64) - 1)
+        self._bounded(len(hashes) * self.config["block_size"], f"{len(hashes)} blocks are")
+        return self.query_by_hash(hashes)
