@@ -857,3 +857,39 @@ def test_a_flooding_replay_endpoint_is_bounded(tmp_path, monkeypatch) -> None:
         pub.close()
         flood.close(0)
     assert not result.ok and result.metrics["engine"]["seq_lost"] >= 1
+
+
+def test_a_slow_downstream_does_not_turn_jetstream_redeliveries_into_copies() -> None:
+    """Messages held downstream longer than ack_wait_s are delivered again by the server; a
+    redelivery of a message still in the graph must not go downstream a second time (issue
+    11: 5,000 events became 35,256 messages during an outage)."""
+    import nats
+
+    from kvgraph.testing import NatsServer
+
+    server = NatsServer().start()
+    graph = (GraphFile("held").node("bus", "nats", url=server.url, subject="held.events",
+                                    format="jsonl", jetstream=True, stream="HELD",
+                                    create_stream=True, durable="kvgraph", ack_wait_s=0.5)
+             .node("out", "slow", delay_ms=1500).edge("bus", "out"))
+
+    async def go():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name="HELD", subjects=["held.events"])
+        for i in range(200):   # all there before the graph fetches: one batch of 200
+            await js.publish("held.events", json.dumps(
+                {"kind": "removed", "worker_id": 1, "dp_rank": 0, "block_hashes": [i]}).encode())
+        async with run_text(graph.text()) as rt:
+            bus = rt.contexts["bus"].metrics
+            await wait_for(lambda: bus.extra.get("acked", 0) >= 200, timeout=30)
+        await nc.close()
+        return rt.result().metrics["bus"]
+
+    try:
+        m = asyncio.run(go())
+    finally:
+        server.close()
+    hashes = [e.block_hashes[0] for e in capture("out")]
+    assert sorted(hashes) == list(range(200))     # each once
+    assert m["redeliveries_held"] > 0             # the server did deliver them again

@@ -107,8 +107,12 @@ class NatsSource(NatsProbe, Source):
                                 deliver_policy=DeliverPolicy(c["deliver_policy"]))
         self.psub = await self.js.pull_subscribe(c["subject"], durable=c.get("durable"),
                                                  stream=c["stream"], config=config)
-        for name in ("acked", "redelivery_requests"):
+        for name in ("acked", "redelivery_requests", "redeliveries_held"):
             self.metrics.extra.setdefault(name, 0)
+        # Stream sequences of the messages in the graph (emitted, not yet acked or nak'ed). A
+        # message held downstream longer than ack_wait_s is delivered again by the server;
+        # that copy is not emitted a second time, only marked in progress.
+        self._inflight: set[int] = set()
 
     async def _run_jetstream(self) -> None:
         import asyncio
@@ -126,6 +130,19 @@ class NatsSource(NatsProbe, Source):
                 continue
             events: list[Event] = []
             rejected: list[Rejected] = []
+            inflight = self._inflight
+            fresh = []
+            for msg in msgs:
+                seq = msg.metadata.sequence.stream
+                if seq in inflight:  # its first delivery is still in the graph: not again
+                    self.metrics.extra["redeliveries_held"] += 1
+                    await msg.in_progress()  # and the server's ack timer starts over
+                    continue
+                inflight.add(seq)
+                fresh.append(msg)
+            msgs = fresh
+            if not msgs:
+                continue
             for msg in msgs:
                 first = len(events)
                 self._decode(msg.data, events, rejected)
@@ -155,6 +172,9 @@ class NatsSource(NatsProbe, Source):
 
     def _settle(self, msgs: list[Any], ok: bool) -> None:
         import asyncio
+        for m in msgs:
+            self._inflight.discard(m.metadata.sequence.stream)
+
         async def settle() -> None:
             for m in msgs:
                 try:
