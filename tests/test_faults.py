@@ -893,3 +893,28 @@ def test_a_slow_downstream_does_not_turn_jetstream_redeliveries_into_copies() ->
     hashes = [e.block_hashes[0] for e in capture("out")]
     assert sorted(hashes) == list(range(200))     # each once
     assert m["redeliveries_held"] > 0             # the server did deliver them again
+
+
+def test_a_frame_over_max_frame_bytes_is_refused_and_seen_as_a_gap(tmp_path) -> None:
+    """A peer's huge frames are refused (ZMQ MAXMSGSIZE) instead of filling memory; libzmq then
+    drops the connection for good, so the source connects again itself, and the refused batch
+    is a reported gap."""
+    ep = f"ipc://{tmp_path}/engine.sock"
+    pub = TestEngine(ep, f"ipc://{tmp_path}/replay.sock")
+
+    async def go():
+        async with run_text(engine_graph(ep, "worker_id = 1\nmax_frame_bytes = 4096")) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            pub.publish(stored_payload(0, [1], None))
+            pub.publish(stored_payload(0, list(range(2, 2002)), 1))   # about 20 KB: refused
+            await asyncio.to_thread(pub.wait_subscribed)              # connected again
+            pub.publish(stored_payload(0, [3], 1))
+            await wait_for(lambda: len(capture("out")) == 2 and len(capture("dead")) == 1)
+        return rt.result().metrics["engine"]
+
+    try:
+        m = asyncio.run(go())
+    finally:
+        pub.close()
+    assert [e.block_hashes for e in capture("out")] == [[1], [3]]
+    assert m["seq_lost"] == 1 and m["reconnects"] == 1

@@ -186,3 +186,49 @@ class OwnContext:
         if log is not None and waited >= 0.5:
             log.info("waited %.1f s for subscribers to take the last messages (linger %.0f s)",
                      waited, linger_s)
+
+
+class Reconnector:
+    """Connects again where ZMQ gives up: a connecting socket whose peer sent a message over
+    MAXMSGSIZE is disconnected by libzmq for good (a protocol error; it does not retry, unlike
+    after a peer restart). This watches the sockets' monitors and, on a disconnection,
+    connects the endpoint again; the batches lost meanwhile show as a seq gap."""
+
+    def __init__(self, sockets: list[tuple[Any, list[str]]], log: Any, metrics: Any):
+        import zmq
+
+        self._zmq, self.log, self.metrics = zmq, log, metrics
+        self._watched = [(s, eps, s.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+                         for s, eps in sockets]
+        metrics.extra.setdefault("reconnects", 0)
+
+    def check(self) -> None:
+        """Non-blocking: connect again every endpoint that reported a disconnection."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        for sock, endpoints, monitor in self._watched:
+            while True:
+                try:
+                    event = parse_monitor_message(monitor.recv_multipart(self._zmq.NOBLOCK))
+                except self._zmq.Again:
+                    break
+                ep = event["endpoint"].decode(errors="replace")
+                if ep not in endpoints:
+                    continue
+                self.metrics.extra["reconnects"] += 1
+                self.log.warning("disconnected from %s (the engine went away, or sent a message "
+                                 "over max_frame_bytes); connecting again", ep)
+                try:
+                    sock.disconnect(ep)
+                except self._zmq.ZMQError:
+                    pass
+                sock.connect(ep)
+
+    def close(self) -> None:
+        for sock, _, monitor in self._watched:
+            try:
+                sock.disable_monitor()
+            except Exception:
+                pass
+            monitor.close(0)
+        self._watched = []

@@ -50,6 +50,12 @@ class ZmqSource(Source):
                               "0 accepts any.", 0, minimum=0),
         "max_batch_events": integer("Most events handed downstream in one batch.", 1024,
                                     minimum=1),
+        "max_frame_bytes": integer("Largest message accepted from the engine or its replay "
+                                   "endpoint (ZMQ MAXMSGSIZE). A larger one is refused: ZMQ "
+                                   "drops the connection, the source connects again, and the "
+                                   "refused batch shows as a seq gap (repaired by replay, or "
+                                   "reported lost). With hwm, it bounds what the socket holds.",
+                                   16 * 1024 * 1024, minimum=1024),
         "warn_silent_s": number("Until the first message arrives, warn after this many seconds "
                                 "of silence, then after twice as long each time (ZMQ connects "
                                 "lazily: an engine that is not there looks like a quiet one). "
@@ -120,6 +126,7 @@ class ZmqSource(Source):
         # A plain socket, drained with non-blocking receives; Readable awaits it when empty.
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, c["hwm"])
+        sock.setsockopt(zmq.MAXMSGSIZE, c["max_frame_bytes"])
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, c["topic"].encode())
         endpoints = rank_endpoints(c["endpoint"], c["dp_ranks"], c["dp_rank_port_offset"])
@@ -127,14 +134,21 @@ class ZmqSource(Source):
             (sock.bind if c["bind"] else sock.connect)(ep)
         self._sock = sock
         self._dealers: dict[int, Any] = {}
+        replay_eps: list[tuple[Any, list[str]]] = []
         if "replay_endpoint" in c:
             for rank, ep in enumerate(rank_endpoints(c["replay_endpoint"], c["dp_ranks"],
                                                      c["dp_rank_port_offset"])):
                 dealer = ctx.socket(zmq.DEALER)
                 dealer.setsockopt(zmq.LINGER, 0)
+                dealer.setsockopt(zmq.MAXMSGSIZE, c["max_frame_bytes"])
                 dealer.connect(ep)
                 self._dealers[rank] = dealer
+                replay_eps.append((dealer, [ep]))
         self._readable = Readable([sock, *self._dealers.values()])
+        from ..proto.zmq import Reconnector
+
+        self._reconnector = Reconnector(([] if c["bind"] else [(sock, endpoints)]) + replay_eps,
+                                        self.log, self.metrics)
         self._ingest = FrameIngest(self.id, self.metrics, c["worker_id"], c["worker_id_from"],
                                    c["block_size"], self.log,
                                    self._request if self._dealers else None,
@@ -209,6 +223,7 @@ class ZmqSource(Source):
                 self.log.info("first message from %s after %.1f s", self._endpoints,
                               silence.heard())
             if not events and not rejected:  # 10 ms cap: a missed edge costs at most that
+                self._reconnector.check()
                 if silence.waiting and silence.due():
                     self.log.warning("nothing received from %s in %.0f s: is the engine running, "
                                      "with KV events enabled, publishing there?",
@@ -231,6 +246,8 @@ class ZmqSource(Source):
         return self._ingest.streams
 
     async def stop(self) -> None:
+        if getattr(self, "_reconnector", None) is not None:
+            self._reconnector.close()
         if getattr(self, "_readable", None) is not None:
             self._readable.close()
         for s in [getattr(self, "_sock", None), *getattr(self, "_dealers", {}).values()]:
