@@ -94,6 +94,9 @@ class ZmqPublisher:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, 0)
+        # Every subscription, also one for a topic already subscribed: a subscriber that
+        # reconnects before ZMQ has dropped its old connection subscribes "again".
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.bind(endpoint)
         self.endpoint = endpoint
