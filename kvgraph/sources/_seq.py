@@ -148,15 +148,16 @@ class SeqStreams:
             st.last_payload = payload
             out.extend(events)
             return
-        if last is not None and seq == last and payload == st.last_payload:
-            self.metrics.extra["seq_duplicates"] += 1  # the same batch again: applied once
-            return
+        if last is not None and seq <= last:
+            if seq == last and payload == st.last_payload:
+                self.metrics.extra["seq_duplicates"] += 1  # the same batch again: applied once
+                return
+            if st.replayed.get(seq) == xxhash.xxh3_64_intdigest(payload):
+                self.metrics.extra["late_duplicates"] += 1  # already applied from the replay
+                return
         if seq >= SEQ_LIMIT or last is not None and (seq > last + MAX_SEQ_JUMP
                                                       or seq == last != 0):
             self._anomaly(topic, rank, seq, last, rejected, now)
-            return
-        if seq <= last and st.replayed.get(seq) == xxhash.xxh3_64_intdigest(payload):
-            self.metrics.extra["late_duplicates"] += 1  # already applied from the replay
             return
         if seq <= last:
             self.metrics.extra["seq_resets"] += 1
