@@ -918,3 +918,34 @@ def test_a_frame_over_max_frame_bytes_is_refused_and_seen_as_a_gap(tmp_path) -> 
         pub.close()
     assert [e.block_hashes for e in capture("out")] == [[1], [3]]
     assert m["seq_lost"] == 1 and m["reconnects"] == 1
+
+
+def test_a_late_live_copy_of_a_replayed_batch_is_a_duplicate_not_an_anomaly() -> None:
+    """The replay brought seq 1 and 2; the live seq 2 arrives after it was applied: a late
+    duplicate (the full-suite run caught it taken for 'other content under the seq')."""
+    from kvgraph.codecs.vllm import SEQ_END
+    from kvgraph.sources._seq import SeqStreams
+
+    metrics = NodeMetrics("engine", "zmq", "source")
+    streams = SeqStreams("engine", metrics, _Quiet(), lambda topic: 1,
+                         request=lambda rank, start: True)
+    topic = b"kv@pod-a@m"
+    payloads = {s: stored_payload(0, [s + 1], s or None) for s in range(3)}
+    out: list = []
+    rejected: list = []
+    streams.on_live(topic, 0, 0, ["e0"], out, rejected, 0.0, payloads[0])
+    streams.on_live(topic, 2, 0, ["e2"], out, rejected, 0.0, payloads[2])   # a gap: replay
+    for s in (1, 2):
+        streams.on_reply(0, [b"", topic, s.to_bytes(8, "big"), payloads[s]], out, rejected, 0.0)
+    streams.on_reply(0, [b"", b"", SEQ_END.to_bytes(8, "big"), b""], out, rejected, 0.0)
+    streams.on_live(topic, 2, 0, ["e2"], out, rejected, 0.0, payloads[2])   # late live copy
+    assert [e if isinstance(e, str) else e.block_hashes for e in out] == ["e0", [2], "e2"]
+    assert not rejected and metrics.extra["late_duplicates"] == 1
+    assert metrics.extra["seq_anomalies"] == 0
+
+
+class _Quiet:
+    def problem(self, *args) -> None:
+        pass
+
+    info = warning = problem
