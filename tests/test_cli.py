@@ -107,8 +107,16 @@ class LineReader:
         self.lines: queue.Queue[str] = queue.Queue()
         assert proc.stderr is not None
         stream = proc.stderr
-        threading.Thread(target=lambda: [self.lines.put(x) for x in iter(stream.readline, "")]
-                         + [self.lines.put("")], daemon=True).start()
+
+        def pump() -> None:
+            try:
+                for line in iter(stream.readline, ""):
+                    self.lines.put(line)
+            except (ValueError, OSError):  # the test closed the pipe (communicate)
+                pass
+            self.lines.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
 
     def until(self, text: str, timeout: float = 20) -> str:
         import queue
