@@ -7,7 +7,8 @@ message is acknowledged only after every sink downstream confirmed it.
 
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from typing import Any, Iterable, Mapping
 
 import msgspec
@@ -113,6 +114,8 @@ class NatsSource(NatsProbe, Source):
         # message held downstream longer than ack_wait_s is delivered again by the server;
         # that copy is not emitted a second time, only marked in progress.
         self._inflight: set[int] = set()
+        # ... and of those acked in the last 2 x ack_wait_s: a redelivery can cross our ack.
+        self._acked_recently: OrderedDict[int, float] = OrderedDict()
 
     async def _run_jetstream(self) -> None:
         import asyncio
@@ -132,11 +135,19 @@ class NatsSource(NatsProbe, Source):
             rejected: list[Rejected] = []
             inflight = self._inflight
             fresh = []
+            acked = self._acked_recently
+            horizon = time.monotonic() - 2 * self.config["ack_wait_s"]
+            while acked and next(iter(acked.values())) < horizon:
+                acked.popitem(last=False)
             for msg in msgs:
                 seq = msg.metadata.sequence.stream
                 if seq in inflight:  # its first delivery is still in the graph: not again
                     self.metrics.extra["redeliveries_held"] += 1
                     await msg.in_progress()  # and the server's ack timer starts over
+                    continue
+                if seq in acked:  # redelivered while our ack was on its way: ack it again
+                    self.metrics.extra["redeliveries_held"] += 1
+                    await msg.ack()
                     continue
                 inflight.add(seq)
                 fresh.append(msg)
@@ -172,8 +183,12 @@ class NatsSource(NatsProbe, Source):
 
     def _settle(self, msgs: list[Any], ok: bool) -> None:
         import asyncio
+        now = time.monotonic()
         for m in msgs:
-            self._inflight.discard(m.metadata.sequence.stream)
+            seq = m.metadata.sequence.stream
+            self._inflight.discard(seq)
+            if ok:
+                self._acked_recently[seq] = now
 
         async def settle() -> None:
             for m in msgs:
