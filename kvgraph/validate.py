@@ -207,7 +207,8 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
     # the node it was meant for, so that one typo does not hide that node's own mistakes.
     types: dict[str, type[NodeType]] = {}
     ambiguous: dict[str, list[type[NodeType]]] = {}
-    intended = _intended_edges(edges, nodes_doc)
+    names = [n for n in nodes_doc if isinstance(n, str)]
+    intended = _intended_edges(edges, names)
     for node_id, table in nodes_doc.items():
         if not isinstance(table, dict) or not isinstance(table.get("type"), str) \
                 or not _NODE_ID.match(node_id):  # a bad id is reported once, by the schema
@@ -231,7 +232,7 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
     unresolved = set(nodes_doc) - set(types)
     check_structure(known, ports,
                     [e for e in edges if e.src not in unresolved and e.dst not in unresolved],
-                    out.report, names=[n for n in nodes_doc if isinstance(n, str)])
+                    out.report, names=names)
 
     binds: dict[str, tuple[str, str]] = {}
     for node_id in sorted(schema_ok):
@@ -293,17 +294,17 @@ def _edges(raw: Any) -> list[Edge]:
     return edges
 
 
-def _intended_edges(edges: list[Edge], nodes_doc: dict[str, Any]) -> list[Edge]:
+def _intended_edges(edges: list[Edge], names: list[str]) -> list[Edge]:
     """The edges, with an end that names no node replaced by the node it most likely means
     (the same guess as the "did you mean" hint). Used only to infer kinds, never to run."""
     import dataclasses
 
     from .schema import closest
 
-    names = [n for n in nodes_doc if isinstance(n, str)]
+    known = set(names)
 
     def meant(node_id: str) -> str:
-        return node_id if node_id in nodes_doc else closest(node_id, names) or node_id
+        return node_id if node_id in known else closest(node_id, names) or node_id
 
     return [dataclasses.replace(e, src=meant(e.src), dst=meant(e.dst)) for e in edges]
 

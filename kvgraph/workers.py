@@ -12,9 +12,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .cli import EarlySignals
 
 
 async def watch_parent(parent: int, stop: Callable[[], None]) -> None:
@@ -50,7 +53,8 @@ def python_m_kvgraph() -> list[str]:
     return [sys.executable, *safe, "-m", "kvgraph"]
 
 
-def supervise(args: argparse.Namespace, plan: list[list[str]], early: Any = None) -> int:
+def supervise(args: argparse.Namespace, plan: list[list[str]],
+              early: "EarlySignals | None" = None) -> int:
     """``run --workers N``: run each part of the graph in its own ``kvgraph run`` process.
 
     The processes share nothing, so N of them use up to N cores: each worker runs its share

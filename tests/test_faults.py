@@ -20,7 +20,8 @@ from kvgraph.event import Event, Rejected
 from kvgraph.metrics import NodeMetrics
 from kvgraph.prefix_index import PrefixIndex
 from kvgraph.sources._frames import FrameIngest
-from kvgraph.testing import capture, free_port, free_ports, run_text, wait_for
+from kvgraph.testing import (capture, free_port, free_ports, run_text, stream_lines,
+                             wait_for)
 
 from .helpers import (FIXTURES, FaultyLink, GraphFile, TestEngine, assert_event_matches, engine_graph,
                       expected_batches, read_frames)
@@ -347,22 +348,9 @@ def run_outage(bound: int, when_full: str, before: int, during: int, after: int)
             await publish(after, True)
             total_in = before + during + after
             await wait_for(lambda: bus.events_out + edge.dropped_events == total_in, timeout=30)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        sub = await js.pull_subscribe("outage.events", "check")
-        seen: set[int] = set()
-        copies = 0
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=1)
-            except Exception:
-                break
-            for msg in msgs:
-                seen.add(json.loads(msg.data)["block_hashes"][0])
-                copies += 1
-                await msg.ack()
-        await nc.close()
-        return n, seen, copies, rt
+        lines = await stream_lines(server.url, "outage.events", "OUTAGE")
+        seen = {json.loads(line)["block_hashes"][0] for line in lines}
+        return n, seen, len(lines), rt
 
     try:
         return asyncio.run(go())
@@ -547,23 +535,9 @@ to = "output"
                                  "off"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "NO_COLOR": "1"})
 
-    async def out_state(nc) -> tuple[int, set[int]]:
-        js = nc.jetstream()
-        info = await js.stream_info("OUT")
-        sub = await js.pull_subscribe("out.events", None, stream="OUT")
-        seen: set[int] = set()
-        copies = 0
-        while True:
-            try:
-                msgs = await sub.fetch(1000, timeout=0.5)
-            except Exception:
-                break
-            for m in msgs:
-                for line in m.data.splitlines():
-                    seen.add(json.loads(line)["block_hashes"][0])
-                    copies += 1
-                await m.ack()
-        return copies, seen
+    async def out_state() -> tuple[int, set[int]]:
+        lines = await stream_lines(server.url, "out.events", "OUT", idle_s=0.5)
+        return len(lines), {json.loads(line)["block_hashes"][0] for line in lines}
 
     async def go():
         nc = await nats.connect(server.url)
@@ -590,7 +564,7 @@ to = "output"
             second.send_signal(signal.SIGTERM)
             _, err = second.communicate(timeout=30)
             assert second.returncode == 0, err
-            return await out_state(nc)
+            return await out_state()
         finally:
             for p in (first, locals().get("second")):
                 if p is not None and p.poll() is None:

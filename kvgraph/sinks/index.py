@@ -171,7 +171,7 @@ class IndexSink(Sink):
     def _http_query(self, body: bytes) -> dict[str, Any]:
         data = self._json_body(body)
         tokens = self._int_list(data, "token_ids", 0xFFFFFFFF)
-        self._bounded(len(tokens), f"{len(tokens)} token ids:")
+        self._bounded(len(tokens), f"{len(tokens)} token ids are")
         for key in ("lora_name", "cache_salt"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise HttpError(422, f"{key!r} must be a string")

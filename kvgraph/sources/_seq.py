@@ -143,7 +143,7 @@ class SeqStreams:
                              f"more than {MAX_HELD_BATCHES} live batches arrived during the replay")
             return
         last = st.last
-        if seq == (last + 1 if last is not None else seq) and seq < SEQ_LIMIT:
+        if (last is None or seq == last + 1) and seq < SEQ_LIMIT:
             st.last = seq
             st.last_payload = payload
             out.extend(events)

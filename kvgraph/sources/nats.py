@@ -134,11 +134,11 @@ class NatsSource(NatsProbe, Source):
             events: list[Event] = []
             rejected: list[Rejected] = []
             inflight = self._inflight
-            fresh = []
             acked = self._acked_recently
             horizon = time.monotonic() - 2 * self.config["ack_wait_s"]
             while acked and next(iter(acked.values())) < horizon:
                 acked.popitem(last=False)
+            fresh = []
             for msg in msgs:
                 seq = msg.metadata.sequence.stream
                 if seq in inflight:  # its first delivery is still in the graph: not again
@@ -151,14 +151,12 @@ class NatsSource(NatsProbe, Source):
                     continue
                 inflight.add(seq)
                 fresh.append(msg)
-            msgs = fresh
-            if not msgs:
-                continue
-            for msg in msgs:
                 first = len(events)
                 self._decode(msg.data, events, rejected)
-                events[first:] = self._stamped(events[first:], msg.metadata.sequence.stream)
-            ack = Ack(lambda m=msgs: self._settle(m, True), lambda m=msgs: self._settle(m, False))
+                events[first:] = self._stamped(events[first:], seq)
+            if not fresh:
+                continue
+            ack = Ack(lambda m=fresh: self._settle(m, True), lambda m=fresh: self._settle(m, False))
             self.metrics.events_in += len(events)
             await self.ctx.emit(events, acks=(ack,))
             await self.ctx.reject(rejected)  # malformed: reported, and acked (no retry helps)
