@@ -160,11 +160,15 @@ class Sandbox:
             text = re.sub(rf"(?<![0-9]){old}(?![0-9])", str(new), text)
         return text
 
-    def _spawn(self, block: Block) -> tuple[subprocess.Popen[bytes], Path]:
+    def _output_of(self, block: Block) -> Path:
+        """A new step: the file its output goes to, under its name and as the latest."""
         self._n += 1
         log = self.dir / f"step{self._n}.out"
-        name = block.marker.get("step") or f"step{self._n}"
-        self.outputs[name] = self.outputs["_last"] = log
+        self.outputs[block.marker.get("step") or f"step{self._n}"] = self.outputs["_last"] = log
+        return log
+
+    def _spawn(self, block: Block) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self._output_of(block)
         text = self.localize(block.text)
         if block.lang == "python":
             script = self.dir / f"step{self._n}.py"
@@ -180,10 +184,7 @@ class Sandbox:
 
     def run(self, block: Block) -> None:
         if block.lang == "sh" and _only_curl(block.text):
-            self._n += 1
-            log = self.dir / f"step{self._n}.out"
-            self.outputs[block.marker.get("step") or f"step{self._n}"] = \
-                self.outputs["_last"] = log
+            log = self._output_of(block)
             self.queries[log] = _commands(self.localize(block.text))
             self._query(log)
             return
