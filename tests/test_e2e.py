@@ -602,6 +602,21 @@ to = "out"
 
 # -- Dynamo 1.6.1 end to end: synthetic engines -> ZMQ -> relay -> NATS -> a second graph's index
 
+def _index_difference(want: dict, got: dict, rt, engines: subprocess.Popen[str],
+                      relay_err: str) -> str:
+    """What a failed index comparison needs to be understood: per worker, blocks missing and
+    extra; the consumer's counters; the engines' and the relay's logs."""
+    lines = [f"worker {w}: want {len(want[w])}, got {len(got[w])}, "
+             f"missing {len(set(want[w]) - set(got[w]))}, extra {len(set(got[w]) - set(want[w]))}"
+             for w in want]
+    lines.append(f"consumer: {rt.contexts['bus'].metrics.snapshot()}, "
+                 f"index: {rt.contexts['index'].metrics.snapshot()}")
+    lines.append("engines: " + (engines.stderr.read() if engines.poll() is not None else
+                                "still running")[-2000:])
+    lines.append("relay: " + relay_err[-4000:])
+    return "\n".join(lines)
+
+
 def test_synthetic_zmq_relay_nats_index_equals_an_index_fed_directly(tmp_path: Path,
                                                                      nats_url: str) -> None:
     from kvgraph.prefix_index import PrefixIndex
@@ -698,7 +713,12 @@ to = "index"
             p_relay = kvgraph_run(relay, "--report", str(tmp_path / "relay.json"))
             try:
                 await asyncio.to_thread(p_engines.wait, 60)
-                await wait_for(lambda: {w: idx.held(w) for w in want} == want, timeout=60)
+                try:
+                    await wait_for(lambda: {w: idx.held(w) for w in want} == want, timeout=60)
+                except AssertionError:  # say what differs, and what the processes said
+                    _, relay_err = await asyncio.to_thread(stop, p_relay)
+                    raise AssertionError(_index_difference(
+                        want, {w: idx.held(w) for w in want}, rt, p_engines, relay_err)) from None
                 code, err = await asyncio.to_thread(stop, p_relay)
                 assert code == 0, err
             finally:
