@@ -7,8 +7,10 @@ What a client can make it hold is bounded: request bodies in memory at once (all
 together, ``BODY_BUDGET``; a request past it gets 503 at once, before its body is read), the
 time a request may take to arrive (``READ_TIMEOUT_S``), and the time an answer may wait for a
 client that does not read it (``WRITE_TIMEOUT_S``; then the connection is dropped with what it
-held). Measured before: 100 clients that never read ``/dump`` held 14.4 GB; partial 8 MB
-bodies held 1.41 GB for 30 s.
+held), and answers waiting for their clients, all together (``ANSWER_BUDGET``; past it, 503
+instead of the answer, though one answer is always let through whatever its size). Measured
+before: 100 clients that never read ``/dump`` held 14.4 GB; partial 8 MB bodies held 1.41 GB
+for 30 s.
 """
 
 from __future__ import annotations
@@ -45,20 +47,21 @@ def _error(status: int, message: str) -> Response:
 READ_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 10.0
 BODY_BUDGET = 64 * 1024 * 1024
+ANSWER_BUDGET = 256 * 1024 * 1024
 
 
 class _Budget:
-    """Bytes of request bodies held at once, over all connections; ``stats`` (the node's
-    metrics, say) shows ``http_body_bytes`` held and ``http_slow_clients_dropped``."""
+    """Bytes held at once over all connections, shown in ``stats`` (the node's metrics, say)
+    under ``key``: ``http_body_bytes`` for request bodies, ``http_answer_bytes`` for answers
+    not yet read by their clients."""
 
-    def __init__(self, total: int, stats: dict[str, Any]):
-        self.left, self.total, self.stats = total, total, stats
-        stats.setdefault("http_body_bytes", 0)
-        stats.setdefault("http_slow_clients_dropped", 0)
+    def __init__(self, total: int, stats: dict[str, Any], key: str):
+        self.left, self.total, self.stats, self.key = total, total, stats, key
+        stats.setdefault(key, 0)
 
     def take(self, n: int) -> None:
         self.left -= n
-        self.stats["http_body_bytes"] = self.total - self.left
+        self.stats[self.key] = self.total - self.left
 
     def give(self, n: int) -> None:
         self.take(-n)
@@ -105,7 +108,11 @@ async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20,
     """Start serving; returns the asyncio Server (``server.sockets[0]`` has the real port)."""
     import asyncio
 
-    budget = _Budget(BODY_BUDGET, {} if stats is None else stats)
+    stats = {} if stats is None else stats
+    for key in ("http_slow_clients_dropped", "http_answers_refused"):
+        stats.setdefault(key, 0)
+    budget = _Budget(BODY_BUDGET, stats, "http_body_bytes")
+    answers = _Budget(ANSWER_BUDGET, stats, "http_answer_bytes")
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -120,14 +127,23 @@ async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20,
                 status, ctype, payload = _error(408, "incomplete request")
             except Exception as exc:  # a handler bug must not kill the server
                 status, ctype, payload = _error(500, f"{type(exc).__name__}: {exc}")
+            if len(payload) > answers.left and answers.left < answers.total:
+                status, ctype, payload = _error(503, "too many answers waiting for their "
+                                                "clients to read them; try again")
+                stats["http_answers_refused"] += 1
+            held = len(payload)
+            answers.take(held)
             writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}"
                          f"\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
                          .encode() + payload)
             del payload
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+            finally:
+                answers.give(held)
         except asyncio.TimeoutError:  # a client that does not read: drop what it holds
             writer.transport.abort()
-            budget.stats["http_slow_clients_dropped"] += 1
+            stats["http_slow_clients_dropped"] += 1
         except ConnectionError:
             pass
         finally:

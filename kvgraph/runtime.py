@@ -144,6 +144,11 @@ class NodeContext:
                 for a in acks:
                     a.fail()
 
+    def output_full(self, port: str = DEFAULT_PORT) -> bool:
+        """Would an emit on ``port`` wait now (an edge from it is full and blocks)? A source
+        whose peer cannot be paused reads ahead meanwhile, within a bound of its own."""
+        return any(ch.full and ch.when_full == "block" for ch in self.outlets.get(port, ()))
+
     def holding(self) -> bool:
         node = self.runtime_node
         return bool(getattr(node, "holding", lambda: False)())

@@ -357,14 +357,16 @@ def test_batch_on_an_unknown_parent() -> None:
 def test_what_clients_can_make_the_http_server_hold_is_bounded(monkeypatch) -> None:
     """Issue 11: a 1M-token query held the relay for 165 ms, clients that never read a big
     answer grew memory by gigabytes, partial bodies were held for 30 s. Now: a query over
-    max_query_tokens is a 413; bodies in flight share a budget (503 past it); an answer a
-    client does not read is dropped after WRITE_TIMEOUT_S."""
+    max_query_tokens is a 413; bodies in flight share a budget (503 past it); so do answers
+    waiting for their clients (503 past it); an answer a client does not read is dropped after
+    WRITE_TIMEOUT_S."""
     import socket
 
     from kvgraph import http as server
 
-    monkeypatch.setattr(server, "WRITE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(server, "WRITE_TIMEOUT_S", 2.0)
     monkeypatch.setattr(server, "BODY_BUDGET", 3000)
+    monkeypatch.setattr(server, "ANSWER_BUDGET", 3000)
     blocks = 4000   # a /dump of tens of MB: more than the sockets' buffers can take
     FEEDS["bounds"] = [[stored(w, list(range(4 * blocks)),
                                list(range(w * 10**6, w * 10**6 + blocks))) for w in range(1, 9)]]
@@ -391,12 +393,16 @@ def test_what_clients_can_make_the_http_server_hold_is_bounded(monkeypatch) -> N
             over_budget = await asyncio.to_thread(http, port, "POST", "/query", json.dumps(
                 {"token_ids": list(range(4))}).encode().ljust(1000))
             unread = connect(b"GET /dump HTTP/1.1\r\n\r\n")   # and never read
+            await wait_for(lambda: stats["http_answer_bytes"] > 3000)
+            second_dump = await asyncio.to_thread(http, port, "GET", "/dump")
             await wait_for(lambda: stats["http_slow_clients_dropped"] == 1, timeout=10)
+            assert stats["http_answer_bytes"] == 0 and stats["http_answers_refused"] == 1
             held.close()
             unread.close()
-        return too_long, over_budget
+        return too_long, over_budget, second_dump
 
     port = 0
-    too_long, over_budget = asyncio.run(go())
+    too_long, over_budget, second_dump = asyncio.run(go())
+    assert second_dump[0] == 503 and b"waiting for their clients" in second_dump[1]
     assert too_long[0] == 413 and b"max_query_tokens" in too_long[1]
     assert over_budget[0] == 503

@@ -7,7 +7,9 @@ By default this node connects a SUB socket to the engine, which binds (vLLM bind
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 from typing import Any, Iterable, Mapping
 
 from ..node import Bind, CheckContext, Source, Problem, boolean, integer, number, string
@@ -56,6 +58,13 @@ class ZmqSource(Source):
                                    "refused batch shows as a seq gap (repaired by replay, or "
                                    "reported lost). With hwm, it bounds what the socket holds.",
                                    16 * 1024 * 1024, minimum=1024),
+        "max_read_ahead_bytes": integer("While the graph downstream is full, the source keeps "
+                                        "reading the engine into a queue of its own, up to "
+                                        "this many bytes; past it messages are dropped and "
+                                        "show as a seq gap (repaired by replay, or reported "
+                                        "lost). ZMQ's own queue (`hwm`, in messages) then "
+                                        "stays nearly empty.", 256 * 1024 * 1024,
+                                        minimum=1024),
         "warn_silent_s": number("Until the first message arrives, warn after this many seconds "
                                 "of silence, then after twice as long each time (ZMQ connects "
                                 "lazily: an engine that is not there looks like a quiet one). "
@@ -133,6 +142,9 @@ class ZmqSource(Source):
         for ep in endpoints:
             (sock.bind if c["bind"] else sock.connect)(ep)
         self._sock = sock
+        self._ahead: deque[list[bytes]] = deque()   # read while the output edge was full
+        self._ahead_bytes = 0
+        self.metrics.extra.setdefault("read_ahead_dropped", 0)
         self._dealers: dict[int, Any] = {}
         replay_eps: list[tuple[Any, list[str]]] = []
         if "replay_endpoint" in c:
@@ -203,6 +215,11 @@ class ZmqSource(Source):
                     streams.on_reply(rank, frames, events, rejected, now)
             if streams.replays:
                 streams.tick(events, rejected, now)
+            ahead = self._ahead
+            while ahead and len(events) + len(rejected) < limit:   # read ahead, so older
+                frames = ahead.popleft()
+                self._ahead_bytes -= sum(map(len, frames))
+                ingest.ingest(frames, events, rejected, now)
             while len(events) + len(rejected) < limit:
                 try:
                     frame = recv(noblock, copy=False)
@@ -216,7 +233,10 @@ class ZmqSource(Source):
                 got = True
             if events:
                 self.metrics.events_in += len(events)
-                await emit(events)
+                if self.ctx.output_full():
+                    await self._emit_reading_ahead(events)
+                else:
+                    await emit(events)
             if rejected:
                 await reject(rejected)
             if got and silence.waiting:
@@ -232,6 +252,9 @@ class ZmqSource(Source):
         # Stopping: batches held for a replay in flight are delivered, not dropped, and the
         # gap the replay did not fill is reported lost.
         events, rejected = [], []
+        while self._ahead:   # what was read ahead is delivered too
+            ingest.ingest(self._ahead.popleft(), events, rejected, time.time())
+        self._ahead_bytes = 0
         streams.finish_all(events, rejected, time.time(), "kvgraph stopped before the replay "
                            "ended")
         if events:
@@ -239,6 +262,45 @@ class ZmqSource(Source):
             await emit(events)
         if rejected:
             await reject(rejected)
+
+    async def _emit_reading_ahead(self, events: list[Any]) -> None:
+        """Emit into a full edge while reading the engine ahead: a PUB cannot be paused, so
+        waiting without reading only moves the queue into ZMQ, bounded in messages, not bytes
+        (1.06 GB of big frames was seen there). Here it is bounded in bytes, and what does not
+        fit is dropped and becomes a seq gap, exactly as a ZMQ queue past its hwm would."""
+        emitting = asyncio.ensure_future(self.ctx.emit(events))
+        try:
+            while not emitting.done():
+                self._read_ahead()
+                await asyncio.wait((emitting,), timeout=0.002)
+        finally:
+            if not emitting.done():
+                emitting.cancel()
+                await asyncio.gather(emitting, return_exceptions=True)
+        emitting.result()
+
+    def _read_ahead(self) -> None:
+        zmq, sock, ahead = self._zmq, self._sock, self._ahead
+        bound = self.config["max_read_ahead_bytes"]
+        dropped = 0
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            size = sum(map(len, frames))
+            if self._ahead_bytes + size > bound:
+                dropped += 1
+                continue
+            ahead.append(frames)
+            self._ahead_bytes += size
+        extra = self.metrics.extra
+        extra["read_ahead_bytes"] = self._ahead_bytes
+        if dropped:
+            extra["read_ahead_dropped"] = extra.get("read_ahead_dropped", 0) + dropped
+            self.log.problem("read ahead full", "the graph downstream is full and %d "
+                             "message(s) did not fit in max_read_ahead_bytes: dropped, they "
+                             "will show as a seq gap", dropped)
 
     @property
     def streams(self) -> Any:
