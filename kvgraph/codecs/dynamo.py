@@ -313,10 +313,21 @@ class EnvelopeWriter:
         self.publisher_id = secrets.randbits(63) if publisher_id is None else publisher_id
         self.sequence = 0
 
+    #: What the envelope adds to its payload, at most (four keys, two u64, a u64, a bin header)
+    OVERHEAD = 96
+
     def encode(self, router_events: list[Any], now_ms: int) -> bytes:
+        return self.wrap(self.payload(router_events), now_ms)
+
+    @staticmethod
+    def payload(router_events: list[Any]) -> bytes:
+        """The envelope's payload: what a caller can measure before a sequence is taken."""
+        return _msgpack.encode(router_events)
+
+    def wrap(self, payload: bytes, now_ms: int) -> bytes:
+        """The envelope around ``payload``; takes the next sequence."""
         body = {"publisher_id": self.publisher_id, "sequence": self.sequence,
-                "published_at": now_ms, "topic": "kv-events",
-                "payload": _msgpack.encode(router_events)}
+                "published_at": now_ms, "topic": "kv-events", "payload": payload}
         self.sequence += 1
         return _msgpack.encode(body)
 

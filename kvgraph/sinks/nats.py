@@ -152,14 +152,39 @@ class NatsSink(NatsProbe, Sink):
 
     # -- encoding -----------------------------------------------------------------------------
 
+    def _fitted(self, items: list[Any], encode: Any, margin: int,
+                out: list[tuple[bytes, int]], bad: list[Any]) -> None:
+        """Encode ``items`` as messages that fit the server's max_payload (1 MiB by default):
+        a message over it is cut in two, and so on; a single event over it cannot be sent
+        (the server would refuse it, and the connection with it), so it is a loss record on
+        `errors` and counted in `lost`. Encoded once when it fits, which is nearly always."""
+        body = encode(items)
+        limit = self.nc.max_payload - margin
+        if len(body) <= limit:
+            out.append((body, len(items)))
+        elif len(items) > 1:
+            half = len(items) // 2
+            self._fitted(items[:half], encode, margin, out, bad)
+            self._fitted(items[half:], encode, margin, out, bad)
+        else:
+            self.metrics.lost += 1
+            who = getattr(items[0], "worker_id", "?")
+            bad.append(self.ctx.rejected(
+                f"lost 1 event of worker {who}: its message of {len(body):,} bytes is over the "
+                f"NATS server's max_payload ({self.nc.max_payload:,} bytes); raise max_payload "
+                "in the server's configuration", items[0] if isinstance(items[0], Event)
+                else None))
+
     def _encode_jsonl(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]], list[Any]]:
         n = self._per_message
-        out = []
+        out: list[tuple[str, bytes, int]] = []
+        bad: list[Any] = []
         for subject, items in self._by_subject(batch).items():
             for i in range(0, len(items), n):
-                chunk = items[i:i + n]
-                out.append((subject, self._jsonl.encode_lines(chunk), len(chunk)))
-        return out, []
+                fitted: list[tuple[bytes, int]] = []
+                self._fitted(items[i:i + n], self._jsonl.encode_lines, 0, fitted, bad)
+                out += [(subject, body, k) for body, k in fitted]
+        return out, bad
 
     def _router_events(self, batch: list[Any]) -> tuple[list[Any], list[Event], list[Any]]:
         """RouterEvents for the events that convert (and those events, when the subject
@@ -194,9 +219,14 @@ class NatsSink(NatsProbe, Sink):
                                                              list[Any]]:
         routers, sent, bad = self._router_events(batch)
         enc = self._dynamo.encode_json
-        if not self._templated:
-            return [(self._subject, enc(r), 1) for r in routers], bad
-        return [(self._subject_of(e), enc(r), 1) for e, r in zip(sent, routers)], bad
+        subjects = [self._subject_of(e) for e in sent] if self._templated \
+            else [self._subject] * len(routers)
+        out = []
+        for subject, r in zip(subjects, routers):
+            fitted: list[tuple[bytes, int]] = []
+            self._fitted([r], lambda one: enc(one[0]), 0, fitted, bad)
+            out += [(subject, body, k) for body, k in fitted]
+        return out, bad
 
     def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
                                                                 list[Any]]:
@@ -210,10 +240,12 @@ class NatsSink(NatsProbe, Sink):
         else:
             groups = {self._subject: routers}
         out = []
+        envelope = self._envelope
         for subject, items in groups.items():
             for i in range(0, len(items), n):
-                chunk = items[i:i + n]
-                out.append((subject, self._envelope.encode(chunk, now_ms), len(chunk)))
+                fitted: list[tuple[bytes, int]] = []
+                self._fitted(items[i:i + n], envelope.payload, envelope.OVERHEAD, fitted, bad)
+                out += [(subject, envelope.wrap(body, now_ms), k) for body, k in fitted]
         return out, bad
 
     # -- delivery -----------------------------------------------------------------------------
