@@ -252,8 +252,12 @@ class ZmqSource(Source):
         # Stopping: batches held for a replay in flight are delivered, not dropped, and the
         # gap the replay did not fill is reported lost.
         events, rejected = [], []
-        while self._ahead:   # what was read ahead is delivered too
+        while self._ahead:   # what was read ahead is delivered too, a batch at a time
             ingest.ingest(self._ahead.popleft(), events, rejected, time.time())
+            if len(events) >= limit or not self._ahead:
+                self.metrics.events_in += len(events)
+                await emit(events)
+                events = []
         self._ahead_bytes = 0
         streams.finish_all(events, rejected, time.time(), "kvgraph stopped before the replay "
                            "ended")
