@@ -960,3 +960,53 @@ def test_a_stalled_graph_reads_big_frames_ahead_within_a_byte_bound(tmp_path) ->
     assert m["read_ahead_dropped"] == m["seq_lost"] > 0
     assert len(capture("out")) == 41 - m["seq_lost"]
     assert not result.ok and result.lost == {"engine": m["seq_lost"]}
+
+
+def test_messages_fit_the_servers_max_payload_and_an_event_too_big_for_it_is_a_counted_loss(
+        tmp_path) -> None:
+    """A message over the server's max_payload is refused, and the sink took the refusal for
+    a lost connection and waited for ever (found by benchmarks/attacks.py: events of 4,096
+    blocks, 128 to a message). Now messages are cut to fit; a single event that cannot fit is
+    a loss record, counted, and the rest goes on."""
+    import nats
+
+    from kvgraph.codecs.dynamo import decode_envelope
+    from kvgraph.testing import FEEDS, NatsServer
+
+    conf = tmp_path / "small.conf"
+    conf.write_text("max_payload: 4096\n")
+    server = NatsServer("-c", str(conf)).start()
+
+    def store(first: int, blocks: int) -> Event:
+        return Event(kind="stored", worker_id=1, dp_rank=0,
+                     block_hashes=list(range(first, first + blocks)),
+                     token_ids=[7] * (4 * blocks), block_size=4)
+
+    small = [store(10 * i + 1, 2) for i in range(40)]     # 128 to a message: over 4 KB
+    FEEDS["fit"] = [small[:20] + [store(10**6, 400)] + small[20:]]
+    graph = (GraphFile("fit").node("in", "feed", feed="fit")
+             .node("bus", "nats", url=server.url, subject="fit.events", block_size=4)
+             .node("dead", "capture").edge("in", "bus").edge("bus.errors", "dead"))
+
+    async def go():
+        nc = await nats.connect(server.url)
+        got: list[tuple[int, list[Event]]] = []
+
+        async def on_message(msg) -> None:
+            got.append(decode_envelope(msg.data)[1:])
+
+        await nc.subscribe("fit.events", cb=on_message)
+        await nc.flush()
+        async with run_text(graph.text()) as rt:
+            await wait_for(lambda: sum(len(evs) for _, evs in got) == 40)
+        await nc.close()
+        return got, rt.result()
+
+    try:
+        got, result = asyncio.run(go())
+    finally:
+        server.close()
+    assert len(got) > 1 and [seq for seq, _ in got] == list(range(len(got)))
+    assert [e.block_hashes for _, evs in got for e in evs] == [e.block_hashes for e in small]
+    assert result.metrics["bus"]["lost"] == 1 and not result.ok
+    assert "over the NATS server's max_payload (4,096 bytes)" in capture("dead")[0].reason
