@@ -134,6 +134,14 @@ def _decode_batch(payload: bytes) -> Any:
     return raw
 
 
+def dp_rank_of(payload: bytes) -> int | None:
+    """The DP rank of a batch, without decoding its events (they are only scanned)."""
+    try:
+        return _dec_raw.decode(payload).data_parallel_rank
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"payload: {exc}") from None
+
+
 def decode_payload(payload: bytes, worker_id: int = 0, seq: int | None = None
                    ) -> tuple[float, int | None, list[Event]]:
     """Decode one batch payload into events. Raises DecodeError on anything malformed."""

@@ -57,6 +57,7 @@ class _Stream:
     # batches held while repairing, live and replayed alike: seq -> events
     pending: dict[int, list[Event]] = field(default_factory=dict)
     cooldown_until: float = 0.0
+    dropped_upto: int | None = None              # highest seq dropped during a repair
     # content hashes of batches applied from a replay: a live copy of one of them arriving
     # late is a duplicate, not a restart (seq <= last means "restart" only for new content)
     replayed: dict[int, int] = field(default_factory=dict)
@@ -181,6 +182,29 @@ class SeqStreams:
         st.last = seq
         out.extend(events)
 
+    def on_dropped(self, topic: bytes, seq: int, dp_rank: int | None, why: str,
+                   rejected: list[Rejected], now: float) -> None:
+        """The source had to drop the message at ``seq`` (and the ones before it since the
+        last it kept): a gap that ends at ``seq``, repaired by a replay or reported lost, even
+        when no message follows it to show the gap."""
+        rank = dp_rank or 0
+        key = (topic, rank)
+        st = self.streams.setdefault(key, _Stream())
+        if st.repairing:
+            st.dropped_upto = seq if st.dropped_upto is None else max(st.dropped_upto, seq)
+            return
+        last = st.last
+        if seq >= SEQ_LIMIT or last is not None and not last < seq <= last + MAX_SEQ_JUMP:
+            return   # not a plausible next seq: nothing is known to be missing
+        start = seq if last is None else last + 1
+        self.metrics.extra["seq_gaps"] += 1
+        self.metrics.extra["seq_missing"] += seq - start + 1
+        if self._start_repair(key, st, start, now):
+            st.dropped_upto = seq
+            return
+        self._lost(key, start, seq, why, rejected, now)
+        st.last = seq
+
     def _start_repair(self, key: Key, st: _Stream, start: int, now: float) -> bool:
         rank = key[1]
         if self.request is None or now < st.cooldown_until or rank in self.replays:
@@ -269,3 +293,9 @@ class SeqStreams:
                 st.last = seq
                 out.extend(st.pending[seq])
             st.pending.clear()
+            if st.dropped_upto is not None and (st.last is None or st.dropped_upto > st.last):
+                first = st.dropped_upto if st.last is None else st.last + 1
+                self._lost(key, first, st.dropped_upto, failure or "older than the engine's "
+                           "replay buffer", rejected, now)
+                st.last = st.dropped_upto
+            st.dropped_upto = None

@@ -58,9 +58,10 @@ class ZmqSource(Source):
                                    "refused batch shows as a seq gap (repaired by replay, or "
                                    "reported lost). With hwm, it bounds what the socket holds.",
                                    16 * 1024 * 1024, minimum=1024),
-        "max_read_ahead_bytes": integer("While the graph downstream is full, the source keeps "
-                                        "reading the engine into a queue of its own, up to "
-                                        "this many bytes; past it messages are dropped and "
+        "max_read_ahead_bytes": integer("While the graph downstream is full, or the source "
+                                        "is behind the engine, it keeps reading the engine "
+                                        "into a queue of its own, up to this many bytes; "
+                                        "past it messages are dropped and "
                                         "show as a seq gap (repaired by replay, or reported "
                                         "lost). ZMQ's own queue (`hwm`, in messages) then "
                                         "stays nearly empty.", 256 * 1024 * 1024,
@@ -142,7 +143,7 @@ class ZmqSource(Source):
         for ep in endpoints:
             (sock.bind if c["bind"] else sock.connect)(ep)
         self._sock = sock
-        self._ahead: deque[list[bytes]] = deque()   # read while the output edge was full
+        self._ahead: deque[list[bytes] | _Dropped] = deque()   # read while the output edge was full
         self._ahead_bytes = 0
         self.metrics.extra.setdefault("read_ahead_dropped", 0)
         self._dealers: dict[int, Any] = {}
@@ -217,9 +218,7 @@ class ZmqSource(Source):
                 streams.tick(events, rejected, now)
             ahead = self._ahead
             while ahead and len(events) + len(rejected) < limit:   # read ahead, so older
-                frames = ahead.popleft()
-                self._ahead_bytes -= sum(map(len, frames))
-                ingest.ingest(frames, events, rejected, now)
+                self._ingest_ahead(ahead.popleft(), events, rejected, now)
             while len(events) + len(rejected) < limit:
                 try:
                     frame = recv(noblock, copy=False)
@@ -231,6 +230,8 @@ class ZmqSource(Source):
                     frames.append(frame.bytes)
                 ingest.ingest(frames, events, rejected, now)
                 got = True
+            if len(events) + len(rejected) >= limit:   # behind the engine: what ZMQ holds
+                self._read_ahead()                     # moves into the bounded queue
             if events:
                 self.metrics.events_in += len(events)
                 if self.ctx.output_full():
@@ -253,7 +254,7 @@ class ZmqSource(Source):
         # gap the replay did not fill is reported lost.
         events, rejected = [], []
         while self._ahead:   # what was read ahead is delivered too, a batch at a time
-            ingest.ingest(self._ahead.popleft(), events, rejected, time.time())
+            self._ingest_ahead(self._ahead.popleft(), events, rejected, time.time())
             if len(events) >= limit or not self._ahead:
                 self.metrics.events_in += len(events)
                 await emit(events)
@@ -283,7 +284,22 @@ class ZmqSource(Source):
                 await asyncio.gather(emitting, return_exceptions=True)
         emitting.result()
 
+    def _ingest_ahead(self, item: list[bytes] | _Dropped, events: list[Any],
+                      rejected: list[Any], now: float) -> None:
+        if type(item) is _Dropped:
+            self._ingest.streams.on_dropped(
+                item.topic, item.seq, item.rank, "dropped: the read-ahead queue was full "
+                "(max_read_ahead_bytes)", rejected, now)
+            return
+        self._ahead_bytes -= sum(map(len, item))
+        self._ingest.ingest(item, events, rejected, now)
+
     def _read_ahead(self) -> None:
+        """Move what ZMQ holds into the read-ahead queue, within max_read_ahead_bytes. A
+        message that does not fit leaves a marker in its place (runs of them, one), so that
+        its seq is a gap when its turn comes, whatever follows."""
+        from ..codecs.vllm import DecodeError, dp_rank_of, split_frames
+
         zmq, sock, ahead = self._zmq, self._sock, self._ahead
         bound = self.config["max_read_ahead_bytes"]
         dropped = 0
@@ -293,11 +309,21 @@ class ZmqSource(Source):
             except zmq.Again:
                 break
             size = sum(map(len, frames))
-            if self._ahead_bytes + size > bound:
-                dropped += 1
+            if self._ahead_bytes + size <= bound:
+                ahead.append(frames)
+                self._ahead_bytes += size
                 continue
-            ahead.append(frames)
-            self._ahead_bytes += size
+            dropped += 1
+            try:
+                topic, seq, payload = split_frames(frames)
+                rank = dp_rank_of(payload)
+            except DecodeError:
+                continue   # malformed: it would have been rejected, and holds no seq
+            last = ahead[-1] if ahead else None
+            if type(last) is _Dropped and last.topic == topic and last.rank == rank:
+                last.seq = seq
+            else:
+                ahead.append(_Dropped(topic, seq, rank))
         extra = self.metrics.extra
         extra["read_ahead_bytes"] = self._ahead_bytes
         if dropped:
@@ -319,6 +345,16 @@ class ZmqSource(Source):
         for s in [getattr(self, "_sock", None), *getattr(self, "_dealers", {}).values()]:
             if s is not None:
                 s.close(0)
+
+
+class _Dropped:
+    """In the read-ahead queue, in place of the messages it could not hold: the last one's
+    stream and seq."""
+
+    __slots__ = ("topic", "seq", "rank")
+
+    def __init__(self, topic: bytes, seq: int, rank: int | None):
+        self.topic, self.seq, self.rank = topic, seq, rank
 
 
 class _Silence:
