@@ -56,13 +56,13 @@ class Relay:
     """``kvgraph run GRAPH --report FILE`` in a process of its own; ``wait_log`` reads its
     stderr until a line matches."""
 
-    def __init__(self, graph: str, workdir: Path):
+    def __init__(self, graph: str, workdir: Path, *flags: str):
         self.graph = workdir / "graph.toml"
         self.graph.write_text(f'[graph]\nname = "{workdir.name}"\n{graph}')
         self.report = workdir / "report.json"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvgraph", "run", str(self.graph), "--status", "off",
-             "--report", str(self.report)],
+             "--report", str(self.report), *flags],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []
         self._seen = threading.Condition()

@@ -1,8 +1,9 @@
 """Bounded channels of batches between nodes, and the inbox that merges a node's inputs.
 
 One :class:`Channel` per edge, with the edge's ``capacity`` (in batches), ``capacity_events``
-(the same bound in events: batches vary in size, and memory follows events) and ``when_full``.
-The channel is full when either bound is reached; a batch larger than ``capacity_events`` still
+(the same bound in events: batches vary in size), ``capacity_bytes`` (in bytes of decoded
+events, as the sender estimated them: events vary in size too, from a block to thousands) and
+``when_full``. The channel is full when any bound is reached; a batch larger than a bound still
 goes into an empty channel, so that nothing can deadlock.
 ``block`` suspends the sender until there is room (backpressure reaches the source),
 ``drop_newest`` discards the batch being sent, ``drop_oldest`` the oldest queued one; drops are
@@ -32,6 +33,8 @@ class ChannelStats:
     capacity_events: int
     current: int            # batches queued now
     current_events: int
+    current_bytes: int      # estimated bytes of the events queued now
+    capacity_bytes: int
     peak: int               # most batches ever queued at once
     waiting_senders: int
     sent_batches: int
@@ -44,13 +47,14 @@ class ChannelStats:
 class Channel:
     __slots__ = ("on_drop_queued", "name", "capacity", "capacity_events", "when_full", "_q", "_inbox", "_space", "closed", "peak",
                  "sent_batches", "sent_events", "dropped_batches", "dropped_events",
-                 "queued_events", "src", "dst")
+                 "queued_events", "src", "dst", "capacity_bytes", "queued_bytes", "_sizes")
 
     def __init__(self, name: str, capacity: int, when_full: str = "block",
-                 src: str = "", dst: str = "", capacity_events: int = 1 << 62):
-        if capacity < 1 or capacity_events < 1:
-            raise ValueError("capacity and capacity_events must be >= 1")
-        self.capacity_events = capacity_events
+                 src: str = "", dst: str = "", capacity_events: int = 1 << 62,
+                 capacity_bytes: int = 1 << 62):
+        if capacity < 1 or capacity_events < 1 or capacity_bytes < 1:
+            raise ValueError("capacity, capacity_events and capacity_bytes must be >= 1")
+        self.capacity_events, self.capacity_bytes = capacity_events, capacity_bytes
         if when_full not in ("block", "drop_newest", "drop_oldest"):
             raise ValueError(f"unknown when_full {when_full!r}")
         self.name, self.capacity, self.when_full = name, capacity, when_full
@@ -62,10 +66,14 @@ class Channel:
         self.closed = False
         self.peak = self.sent_batches = self.sent_events = 0
         self.dropped_batches = self.dropped_events = self.queued_events = 0
+        self.queued_bytes = 0
+        self._sizes: deque[int] = deque()   # the estimated bytes of each queued batch
 
-    def _append(self, batch: Batch) -> None:
+    def _append(self, batch: Batch, size: int) -> None:
         q = self._q
         q.append(batch)
+        self._sizes.append(size)
+        self.queued_bytes += size
         n = len(batch)
         self.queued_events += n
         self.sent_batches += 1
@@ -75,13 +83,14 @@ class Channel:
         if self._inbox is not None:
             self._inbox.wake()
 
-    async def send(self, batch: Batch) -> int:
-        """Queue ``batch``; returns how many events a full channel dropped to make it fit (0
-        unless the policy is ``drop_newest`` or ``drop_oldest``)."""
+    async def send(self, batch: Batch, size: int = 0) -> int:
+        """Queue ``batch`` (``size``: its estimated bytes, :func:`kvgraph.event.batch_bytes`);
+        returns how many events a full channel dropped to make it fit (0 unless the policy is
+        ``drop_newest`` or ``drop_oldest``)."""
         if self.closed:
             raise RuntimeError(f"channel {self.name} is closed")
         if not self.full:
-            self._append(batch)
+            self._append(batch, size)
             return 0
         if self.when_full == "drop_newest":
             self._drop(batch)
@@ -90,9 +99,10 @@ class Channel:
             lost = 0
             while self.full:
                 old = self._q.popleft()
+                self.queued_bytes -= self._sizes.popleft()
                 self._drop(old, queued=True)
                 lost += len(old)
-            self._append(batch)
+            self._append(batch, size)
             return lost
         loop = asyncio.get_running_loop()
         while self.full:
@@ -105,13 +115,14 @@ class Channel:
                     fut.cancel()
                 if fut in self._space:
                     self._space.remove(fut)
-        self._append(batch)
+        self._append(batch, size)
         return 0
 
     @property
     def full(self) -> bool:
         q = self._q
-        return len(q) >= self.capacity or (bool(q) and self.queued_events >= self.capacity_events)
+        return len(q) >= self.capacity or (bool(q) and (self.queued_events >= self.capacity_events
+                                                        or self.queued_bytes >= self.capacity_bytes))
 
     def _drop(self, batch: Batch, queued: bool = False) -> None:
         self.dropped_batches += 1
@@ -125,6 +136,7 @@ class Channel:
         if not self._q:
             return None
         batch = self._q.popleft()
+        self.queued_bytes -= self._sizes.popleft()
         self.queued_events -= len(batch)
         while self._space:
             fut = self._space.popleft()
@@ -143,7 +155,8 @@ class Channel:
         """Discard everything queued (abort); returns the number of events lost."""
         lost = self.queued_events
         self._q.clear()
-        self.queued_events = 0
+        self._sizes.clear()
+        self.queued_events = self.queued_bytes = 0
         return lost
 
     def __len__(self) -> int:
@@ -151,7 +164,7 @@ class Channel:
 
     def statistics(self) -> ChannelStats:
         return ChannelStats(self.name, self.capacity, self.capacity_events, len(self._q),
-                            self.queued_events,
+                            self.queued_events, self.queued_bytes, self.capacity_bytes,
                             self.peak, len(self._space), self.sent_batches, self.sent_events,
                             self.dropped_batches, self.dropped_events, self.when_full)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 from .graph import Graph
 from .node import DEFAULT_PORT, ERRORS_PORT, Kind
-from .schema import DEFAULT_CAPACITY, DEFAULT_CAPACITY_EVENTS
+from .schema import DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CAPACITY_EVENTS
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 
@@ -39,7 +39,8 @@ class DrawnEdge:
 
 
 def edge_label(port: str, capacity: int, when_full: str,
-               capacity_events: int = DEFAULT_CAPACITY_EVENTS) -> str:
+               capacity_events: int = DEFAULT_CAPACITY_EVENTS,
+               capacity_bytes: int = DEFAULT_CAPACITY_BYTES) -> str:
     parts = []
     if port != DEFAULT_PORT:
         parts.append(port)
@@ -47,6 +48,8 @@ def edge_label(port: str, capacity: int, when_full: str,
         parts.append(f"cap {capacity}")
     if capacity_events != DEFAULT_CAPACITY_EVENTS:
         parts.append(f"cap {capacity_events} events")
+    if capacity_bytes != DEFAULT_CAPACITY_BYTES:
+        parts.append(f"cap {capacity_bytes} bytes")
     if when_full != "block":
         parts.append(when_full)
     return ", ".join(parts)
@@ -54,7 +57,7 @@ def edge_label(port: str, capacity: int, when_full: str,
 
 def layout(graph: Graph) -> list[DrawnEdge]:
     return [DrawnEdge(e.src, e.dst, edge_label(e.src_port, e.capacity, e.when_full,
-                                               e.capacity_events),
+                                               e.capacity_events, e.capacity_bytes),
                       e.src_port == ERRORS_PORT) for e in graph.edges]
 
 

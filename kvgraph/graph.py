@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 from .node import DEFAULT_PORT, ERRORS_PORT, INPUT_PORT, Kind, NodeType
-from .schema import DEFAULT_CAPACITY, DEFAULT_CAPACITY_EVENTS
+from .schema import DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CAPACITY_EVENTS
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Edge:
     index: int = 0
     dst_port: str = INPUT_PORT
     capacity_events: int = DEFAULT_CAPACITY_EVENTS
+    capacity_bytes: int = DEFAULT_CAPACITY_BYTES
 
     @property
     def label(self) -> str:

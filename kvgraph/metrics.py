@@ -84,6 +84,7 @@ def prometheus(nodes: Iterable[NodeMetrics], channels: Iterable["Channel"],
         out += [f"{metric}{_labels(node=m.node, type=m.type)} {m.extra[name]}"
                 for m in nodes if name in m.extra]
     gauges = [("fill_batches", "current", "gauge"), ("fill_events", "current_events", "gauge"),
+              ("fill_bytes", "current_bytes", "gauge"),
               ("peak_batches", "peak", "gauge"), ("capacity_batches", "capacity", "gauge"),
               ("waiting_senders", "waiting_senders", "gauge"),
               ("sent_events_total", "sent_events", "counter"),

@@ -34,7 +34,7 @@ from . import envvars
 from .acks import Ack, Tracked, acks_of, release_all
 from .channel import Channel, Inbox
 from .errors import ConfigError, NodeFailure, UsageError, listen_error
-from .event import Event, Rejected
+from .event import Event, Rejected, batch_bytes
 from .graph import Graph, Node
 from .metrics import NodeMetrics
 from .node import DEFAULT_PORT, ERRORS_PORT, Kind, NodeType, Sink, Source, Transform
@@ -133,8 +133,9 @@ class NodeContext:
                 for a in acks:
                     a.fail()
             return
+        size = batch_bytes(batch)
         for ch in chans:
-            dropped = await ch.send(batch)
+            dropped = await ch.send(batch, size)
             if dropped:
                 self.metrics.discarded_unintentional += dropped
             if acks and not (dropped and ch.when_full == "drop_newest"):
@@ -240,7 +241,8 @@ class Runtime:
         outlets: dict[str, dict[str, list[Channel]]] = {nid: {} for nid in self.graph.nodes}
         inputs: dict[str, list[Channel]] = {nid: [] for nid in self.graph.nodes}
         for e in self.graph.edges:
-            ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst, e.capacity_events)
+            ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst, e.capacity_events,
+                         e.capacity_bytes)
             ch.on_drop_queued = lambda b: release_all(acks_of(b), failed=True)
             self.channels.append(ch)
             outlets[e.src].setdefault(e.src_port, []).append(ch)

@@ -24,6 +24,7 @@ GRAPH_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 PORT_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
 DEFAULT_CAPACITY = 1024
 DEFAULT_CAPACITY_EVENTS = 4096
+DEFAULT_CAPACITY_BYTES = 256 * 1024 * 1024
 WHEN_FULL = ["block", "drop_newest", "drop_oldest"]
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -47,6 +48,10 @@ EDGE_SCHEMA: dict[str, Any] = {
                             "description": "The same bound in events, since batches vary in "
                                            "size and memory follows events; full at either "
                                            "bound."},
+        "capacity_bytes": {"type": "integer", "minimum": 1024, "default": DEFAULT_CAPACITY_BYTES,
+                           "description": "The same bound in bytes of decoded events, estimated "
+                                          "from their token ids and hashes (an event of 4,096 "
+                                          "blocks holds about 2.5 MB); full at any bound."},
         "when_full": {"enum": WHEN_FULL, "default": "block",
                       "description": "What a full channel does: `block` the sender (backpressure), "
                                      "or drop the newest or oldest batch (counted as lost)."},

@@ -24,7 +24,7 @@ from .errors import ConfigError, GraphError
 from .graph import Edge, Graph, Node, check_structure
 from .locate import Locator
 from .node import COMMON_OPTIONS, DEFAULT_PORT, INPUT_PORT, CheckContext, Kind, NodeType
-from .schema import (DEFAULT_CAPACITY, DEFAULT_CAPACITY_EVENTS, NODE_ID_PATTERN, PORT_REF_PATTERN, check_node, check_top,
+from .schema import (DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CAPACITY_EVENTS, NODE_ID_PATTERN, PORT_REF_PATTERN, check_node, check_top,
                      suggest)
 
 _PORT_REF = re.compile(PORT_REF_PATTERN)
@@ -286,11 +286,13 @@ def _edges(raw: Any) -> list[Edge]:
         d_node, _, d_port = dst.partition(".")
         cap = e.get("capacity", DEFAULT_CAPACITY)
         cap_ev = e.get("capacity_events", DEFAULT_CAPACITY_EVENTS)
+        cap_b = e.get("capacity_bytes", DEFAULT_CAPACITY_BYTES)
         wf = e.get("when_full", "block")
         edges.append(Edge(s_node, s_port or DEFAULT_PORT, d_node,
                           cap if isinstance(cap, int) else DEFAULT_CAPACITY,
                           wf if isinstance(wf, str) else "block", i, d_port or INPUT_PORT,
-                          cap_ev if isinstance(cap_ev, int) else DEFAULT_CAPACITY_EVENTS))
+                          cap_ev if isinstance(cap_ev, int) else DEFAULT_CAPACITY_EVENTS,
+                          cap_b if isinstance(cap_b, int) else DEFAULT_CAPACITY_BYTES))
     return edges
 
 

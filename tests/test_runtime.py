@@ -321,6 +321,33 @@ def test_channels_are_bounded_in_events_too() -> None:
     asyncio.run(go())
 
 
+def test_channels_are_bounded_in_bytes_of_decoded_events() -> None:
+    """Issue 11: a stalled graph of events of 4,096 blocks held 1.9 GB in 4,096 queued events;
+    the sender's estimate of each batch bounds a channel in bytes too."""
+    from kvgraph.event import Event, batch_bytes
+
+    def big(n: int) -> list[Event]:   # n events of 1,000 blocks of 16 distinct tokens
+        return [Event(kind="stored", worker_id=1, dp_rank=0, block_hashes=list(range(1000)),
+                      token_ids=list(range(16_000)), block_size=16) for _ in range(n)]
+
+    async def go():
+        batch = big(2)
+        size = batch_bytes(batch)
+        assert 1_000_000 < size < 1_500_000           # 17,000 items of 36 bytes each, twice
+        ch = Channel("a", 1024, "block", capacity_events=4096, capacity_bytes=2 * size)
+        inbox = Inbox([ch])
+        await ch.send(batch, size)
+        await ch.send(batch, size)                     # at the bytes bound: 4 events queued
+        sender = asyncio.create_task(ch.send(batch, size))
+        await wait_for(lambda: ch.statistics().waiting_senders == 1)
+        assert ch.statistics().current_bytes == 2 * size and ch.statistics().current_events == 4
+        inbox.get_nowait()
+        await sender
+        assert ch.statistics().current_bytes == 2 * size
+
+    asyncio.run(go())
+
+
 def test_kvgraph_open_and_start_in_a_thread(tmp_path) -> None:
     import kvgraph
 

@@ -52,6 +52,11 @@ class ZmqSource(Source):
                               "0 accepts any.", 0, minimum=0),
         "max_batch_events": integer("Most events handed downstream in one batch.", 1024,
                                     minimum=1),
+        "max_batch_bytes": integer("Most bytes of engine messages decoded into one batch (a "
+                                   "decoded event takes 3 to 10 times its bytes): engines "
+                                   "that store thousands of blocks at once make smaller "
+                                   "batches, so that one batch cannot hold gigabytes.",
+                                   4 * 1024 * 1024, minimum=1024),
         "max_frame_bytes": integer("Largest message accepted from the engine or its replay "
                                    "endpoint (ZMQ MAXMSGSIZE). A larger one is refused: ZMQ "
                                    "drops the connection, the source connects again, and the "
@@ -197,6 +202,7 @@ class ZmqSource(Source):
         ingest = self._ingest
         streams = ingest.streams
         limit = self.config["max_batch_events"]
+        byte_limit = self.config["max_batch_bytes"]
         stopping = self.ctx.stopping
         emit, reject = self.ctx.emit, self.ctx.reject
         if self.config["replay_on_connect"]:
@@ -217,9 +223,10 @@ class ZmqSource(Source):
             if streams.replays:
                 streams.tick(events, rejected, now)
             ahead = self._ahead
-            while ahead and len(events) + len(rejected) < limit:   # read ahead, so older
-                self._ingest_ahead(ahead.popleft(), events, rejected, now)
-            while len(events) + len(rejected) < limit:
+            nbytes = 0   # of the messages in this batch (their payloads)
+            while ahead and len(events) + len(rejected) < limit and nbytes < byte_limit:
+                nbytes += self._ingest_ahead(ahead.popleft(), events, rejected, now)
+            while len(events) + len(rejected) < limit and nbytes < byte_limit:
                 try:
                     frame = recv(noblock, copy=False)
                 except again:
@@ -228,10 +235,11 @@ class ZmqSource(Source):
                 while frame.more:  # the rest of a message is already here
                     frame = recv(noblock, copy=False)
                     frames.append(frame.bytes)
+                nbytes += len(frames[-1])
                 ingest.ingest(frames, events, rejected, now)
                 got = True
-            if len(events) + len(rejected) >= limit:   # behind the engine: what ZMQ holds
-                self._read_ahead()                     # moves into the bounded queue
+            if len(events) + len(rejected) >= limit or nbytes >= byte_limit:
+                self._read_ahead()   # behind the engine: what ZMQ holds goes to the bound
             if events:
                 self.metrics.events_in += len(events)
                 if self.ctx.output_full():
@@ -252,13 +260,13 @@ class ZmqSource(Source):
                 await self._readable.wait(0.01)
         # Stopping: batches held for a replay in flight are delivered, not dropped, and the
         # gap the replay did not fill is reported lost.
-        events, rejected = [], []
+        events, rejected, nbytes = [], [], 0
         while self._ahead:   # what was read ahead is delivered too, a batch at a time
-            self._ingest_ahead(self._ahead.popleft(), events, rejected, time.time())
-            if len(events) >= limit or not self._ahead:
+            nbytes += self._ingest_ahead(self._ahead.popleft(), events, rejected, time.time())
+            if len(events) >= limit or nbytes >= byte_limit or not self._ahead:
                 self.metrics.events_in += len(events)
                 await emit(events)
-                events = []
+                events, nbytes = [], 0
         self._ahead_bytes = 0
         streams.finish_all(events, rejected, time.time(), "kvgraph stopped before the replay "
                            "ended")
@@ -285,14 +293,16 @@ class ZmqSource(Source):
         emitting.result()
 
     def _ingest_ahead(self, item: list[bytes] | _Dropped, events: list[Any],
-                      rejected: list[Any], now: float) -> None:
+                      rejected: list[Any], now: float) -> int:
+        """Ingest one item of the read-ahead queue; returns its payload's size."""
         if type(item) is _Dropped:
             self._ingest.streams.on_dropped(
                 item.topic, item.seq, item.rank, "dropped: the read-ahead queue was full "
                 "(max_read_ahead_bytes)", rejected, now)
-            return
+            return 0
         self._ahead_bytes -= sum(map(len, item))
         self._ingest.ingest(item, events, rejected, now)
+        return len(item[-1])
 
     def _read_ahead(self) -> None:
         """Move what ZMQ holds into the read-ahead queue, within max_read_ahead_bytes. A
