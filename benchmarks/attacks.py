@@ -171,8 +171,6 @@ def stall(work: Path) -> dict[str, Any]:
         nbytes += len(frame)
     time.sleep(1)
     peak = peak_rss(relay.proc.pid)
-    print(f"stall: sent {sent} frames, {nbytes / MB:.0f} MB; relay peak {peak / MB:.0f} MB",
-          file=sys.stderr)
     server.proc.send_signal(signal.SIGCONT)
     report = relay.stop()
     server.close()
