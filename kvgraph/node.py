@@ -290,6 +290,22 @@ def array(doc: str, items: JsonSchema, default: list[Any] | None = None, *,
     return s
 
 
+def worker_id(doc: str, default: int | None = None) -> JsonSchema:
+    """A worker id: an integer, or a hex string such as ``"0x9e9a78b2cd7b3f09"``. Dynamo's
+    instance ids are unsigned 64-bit (its discovery names them in hex), and TOML integers stop
+    at 2^63-1. Read it with :func:`worker_id_value`."""
+    s = _opt({"anyOf": [{"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        {"type": "string", "pattern": "^0x[0-9a-fA-F]{1,16}$"}]},
+             doc + " An integer, or a hex string (\"0x...\") for ids past 2^63-1, such as "
+             "Dynamo's instance ids.", default, {})
+    return s
+
+
+def worker_id_value(value: int | str) -> int:
+    """The integer of a :func:`worker_id` option."""
+    return int(value, 16) if isinstance(value, str) else value
+
+
 def one_or_many(doc: str, items: JsonSchema, default: Any = None) -> JsonSchema:
     """A single value or a list of them (``url = "nats://a"`` or ``url = ["nats://a", ...]``)."""
     s = _opt({"anyOf": [items, {"type": "array", "items": items, "minItems": 1}]},

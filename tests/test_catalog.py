@@ -16,7 +16,7 @@ from .helpers import GRAPHS, ROOT
 CATALOG = {
     "source": {"zmq", "api", "nats", "file", "synthetic"},
     "transform": {"filter", "dedup", "batch", "python"},
-    "sink": {"nats", "zmq", "file", "stdout", "null", "index"},
+    "sink": {"nats", "zmq", "file", "stdout", "null", "index", "dynamo"},
 }
 REQUIRED_OPTIONS = {
     ("source", "zmq"): {"endpoint", "topic", "bind", "replay_endpoint", "worker_id",
@@ -31,6 +31,8 @@ REQUIRED_OPTIONS = {
     ("sink", "nats"): {"url", "subject", "format", "jetstream", "user", "password", "token",
                        "creds_file"},
     ("sink", "zmq"): {"endpoint"},
+    ("sink", "dynamo"): {"namespace", "component", "endpoint", "transport", "discovery",
+                         "discovery_path", "etcd_endpoints"},
     ("sink", "file"): {"path"},
 }
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 from ..errors import ApiError
 from ..event import CLEARED, REMOVED, STORED, U64_MASK, Event
-from ..node import Source, integer, string
+from ..node import Source, integer, string, worker_id, worker_id_value
 from ..registry import register
 
 
@@ -26,8 +26,7 @@ class ApiSource(Source):
     name = "api"
     summary = "Events published by in-process Python calls (publish_stored/removed/cleared)."
     options = {
-        "worker_id": integer("Worker id stamped on every event.", 0, minimum=0,
-                             maximum=2**63 - 1),
+        "worker_id": worker_id("Worker id stamped on every event.", 0),
         "dp_rank": integer("Data-parallel rank stamped on every event.", 0, minimum=0),
         "block_size": integer("Tokens per block; publish_stored checks token counts against it.",
                               16, minimum=1),
@@ -75,7 +74,7 @@ class Publisher:
         import asyncio
         c = node.config
         self._node, self._loop = node, loop
-        self.worker_id, self.dp_rank = c["worker_id"], c["dp_rank"]
+        self.worker_id, self.dp_rank = worker_id_value(c["worker_id"]), c["dp_rank"]
         self.block_size, self.medium = c["block_size"], c["medium"]
         self._max = c["max_pending"]
         self._pending: deque[Event] = deque()

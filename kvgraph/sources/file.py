@@ -14,7 +14,7 @@ import time
 
 from ..codecs.jsonl import JsonlError, decode_line
 from ..event import Event, Rejected
-from ..node import Source, boolean, integer, number, string
+from ..node import Source, boolean, integer, number, string, worker_id, worker_id_value
 from ..registry import register
 from ._frames import FrameIngest
 
@@ -30,8 +30,7 @@ class FileSource(Source):
                          "(kvgraph events).", "vllm-frames", enum=["vllm-frames", "jsonl"]),
         "rate": number("Messages per second; 0 replays as fast as possible.", 0, minimum=0),
         "loop": boolean("Start again at the end of the file (never finishes).", False),
-        "worker_id": integer("Worker id stamped on events that carry none.", 0, minimum=0,
-                             maximum=2**63 - 1),
+        "worker_id": worker_id("Worker id stamped on events that carry none.", 0),
     }
     required = ("path",)
     example = 'path = "recordings/vllm-0.29.0.jsonl"\nformat = "vllm-frames"'
@@ -57,7 +56,8 @@ class FileSource(Source):
         import asyncio
         c = self.config
         vllm = c["format"] == "vllm-frames"
-        ingest = FrameIngest(self.id, self.metrics, c["worker_id"], log=self.log) if vllm \
+        ingest = FrameIngest(self.id, self.metrics, worker_id_value(c["worker_id"]),
+                             log=self.log) if vllm \
             else None
         chunk = 1 if interval else 256  # lines per emitted batch
         loop = asyncio.get_running_loop()

@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping
 import msgspec
 
 from ..event import Event, Rejected
-from ..node import CheckContext, Source, Problem, integer, number, string
+from ..node import (CheckContext, Source, Problem, integer, number, string, worker_id,
+                    worker_id_value)
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
 from ..registry import register
 
@@ -39,8 +40,7 @@ class NatsSource(NatsProbe, Source):
                              exclusive_minimum=0),
         "max_ack_pending": integer("Unacknowledged messages in flight (JetStream).", 10_000,
                                    minimum=1),
-        "worker_id": integer("Override the worker id of every event received.",
-                             minimum=0, maximum=2**63 - 1),
+        "worker_id": worker_id("Override the worker id of every event received."),
         "max_buffered": integer("Messages buffered between the NATS client and the graph; "
                                 "past it messages are dropped and counted (core NATS only; "
                                 "JetStream redelivers).", 100_000, minimum=1),
@@ -167,6 +167,7 @@ class NatsSource(NatsProbe, Source):
         the input message's stream sequence as their ``seq``, so that a sink's message ids
         stay the same when the message is delivered again (after a restart of kvgraph)."""
         wid = self.config.get("worker_id")
+        wid = None if wid is None else worker_id_value(wid)
         if wid is None and stream_seq is None:
             return events
         out = []

@@ -12,7 +12,8 @@ import time
 from collections import deque
 from typing import Any, Iterable, Mapping
 
-from ..node import Bind, CheckContext, Source, Problem, boolean, integer, number, string
+from ..node import (Bind, CheckContext, Source, Problem, boolean, integer, number, string,
+                    worker_id, worker_id_value)
 from ..proto.zmq import Readable, parse_endpoint, rank_endpoints
 from ..registry import register
 
@@ -38,8 +39,8 @@ class ZmqSource(Source):
         "replay_cooldown_s": number("Least time between two replays of one stream, so that a "
                                     "broken replay endpoint cannot cause a storm.", 1.0,
                                     minimum=0),
-        "worker_id": integer("Worker id stamped on every event (Dynamo's worker / lease id).", 0,
-                             minimum=0, maximum=2**63 - 1),
+        "worker_id": worker_id("Worker id stamped on every event (Dynamo's worker instance "
+                               "id).", 0),
         "worker_id_from": string("Where worker_id comes from: `config` (the option above) or "
                                  "`topic` (the pod of an llm-d `kv@<pod>@<model>` topic, hashed "
                                  "to 63 bits).", "config", enum=["config", "topic"]),
@@ -167,7 +168,8 @@ class ZmqSource(Source):
 
         self._reconnector = Reconnector(([] if c["bind"] else [(sock, endpoints)]) + replay_eps,
                                         self.log, self.metrics)
-        self._ingest = FrameIngest(self.id, self.metrics, c["worker_id"], c["worker_id_from"],
+        self._ingest = FrameIngest(self.id, self.metrics, worker_id_value(c["worker_id"]),
+                                   c["worker_id_from"],
                                    c["block_size"], self.log,
                                    self._request if self._dealers else None,
                                    c["replay_cooldown_s"], c["replay_timeout_s"],

@@ -1,0 +1,208 @@
+"""``dynamo`` sink: feed Dynamo's KV routers the way Dynamo's own publishers do.
+
+Dynamo 1.6.1 runs its KV event plane over ZMQ unless a deployment chooses NATS: each worker's
+publisher binds a PUB socket and registers it in Dynamo's discovery, and every router connects a
+SUB to each publisher it finds there (``kvgraph/proto/dynamo_discovery.py`` has the records).
+This node is such a publisher for every (worker_id, dp_rank) in its input: on the first event
+of one, it binds a PUB on a free port, registers it, waits for a router to subscribe (up to
+``subscriber_wait_s``: a PUB drops what it sends before anyone listens), and then publishes.
+Records are kept alive while it runs and removed when it stops.
+
+Wire format, per message: ``[b"kv-events", publisher_id u64 BE, sequence u64 BE, frame]``,
+``frame`` = version 1 (u8) + payload length (u32 BE) + the msgpack envelope of the NATS event
+plane (``publisher_id``, ``sequence`` from 0, ``published_at`` ms, ``topic``, ``payload`` = up to
+128 RouterEvents). ``event_id`` is contiguous per (worker_id, dp_rank) from 1.
+
+The worker_id must be the id under which Dynamo knows the worker (its instance id, the hex at the
+end of its ``v1/instances/...`` record), and the worker must not run a publisher of its own: a
+router takes one publisher per worker and ignores a worker with two.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Mapping
+
+from ..node import CheckContext, Problem, Sink, array, integer, number, string
+from ..registry import register
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+HEADER_VERSION = 1
+
+DISCOVERY_OPTIONS = {
+    "namespace": string("Dynamo namespace of the workers' endpoint.", "dynamo",
+                        pattern=NAME_PATTERN),
+    "component": string("Dynamo component of the workers' endpoint.", "backend",
+                        pattern=NAME_PATTERN),
+    "endpoint": string("Dynamo endpoint the workers serve.", "generate", pattern=NAME_PATTERN),
+    "transport": string("Event plane: `zmq` (Dynamo 1.6.1's default) or `nats` (a deployment "
+                        "with event_plane=\"nats\"; not available yet: use the `nats` sink "
+                        "with format = \"dynamo-msgpack\").", "zmq", enum=["zmq"]),
+    "discovery": string("Dynamo's discovery backend: `file` (DYN_FILE_KV) or `etcd`.", "file",
+                        enum=["file", "etcd"]),
+    "discovery_path": string("The file backend's directory, as Dynamo's DYN_FILE_KV; empty: "
+                             "DYN_FILE_KV from the environment, else Dynamo's default "
+                             "/tmp/dynamo_store_kv.", ""),
+    "etcd_endpoints": array("etcd client URLs (Dynamo's ETCD_ENDPOINTS).",
+                            {"type": "string"}, ["http://127.0.0.1:2379"], min_items=1),
+}
+
+
+def frame_envelope(envelope: bytes) -> bytes:
+    """The ZMQ event plane's frame: a 5-byte header (version, length) and the envelope."""
+    return bytes([HEADER_VERSION]) + len(envelope).to_bytes(4, "big") + envelope
+
+
+@register
+class DynamoSink(Sink):
+    name = "dynamo"
+    summary = "Publish to Dynamo's KV event plane (ZMQ), registered in Dynamo's discovery."
+    confirms_delivery = False   # PUB sockets: a router that is not there misses the events
+    options = {
+        **DISCOVERY_OPTIONS,
+        "bind_host": string("Address the PUB sockets bind (a free port each).", "0.0.0.0"),
+        "advertise_host": string("Host routers are told to connect to; empty: Dynamo's "
+                                 "DYN_EVENT_PLANE_HOST, else bind_host unless a wildcard, else "
+                                 "this machine's address.", ""),
+        "block_size": integer("Tokens per KV block (for tokens_hash).", 16, minimum=1),
+        "events_per_message": integer("Most events in one message (Dynamo: 128).", 128,
+                                      minimum=1, maximum=128),
+        "subscriber_wait_s": number("After registering a new worker's publisher, how long to "
+                                    "wait for a router to subscribe before publishing anyway "
+                                    "(a PUB drops what it sends before anyone listens).", 5.0,
+                                    minimum=0),
+        "hwm": integer("Send high-water mark of each PUB, in messages (Dynamo: 100,000).",
+                       100_000, minimum=0),
+        "linger_s": number("On stop, how long queued messages may still take to reach a "
+                           "router (ZMQ LINGER).", 5.0, minimum=0),
+    }
+    example = 'namespace = "dynamo"\ncomponent = "backend"\nendpoint = "generate"'
+
+    @classmethod
+    def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
+        return ()
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import asyncio
+
+        from ..codecs import dynamo
+        from ..proto.dynamo_discovery import Registration, open_discovery
+        from ..proto.zmq import OwnContext
+
+        c = self.config
+        self._dynamo = dynamo
+        self._ids = dynamo.EventIds()
+        self._zctx = OwnContext(asyncio=True)
+        self._publishers: dict[tuple[int, int], _Publisher] = {}
+        self._host = advertised_host(c["bind_host"], c["advertise_host"])
+        self._registration = Registration(
+            open_discovery(c["discovery"], c["discovery_path"], c["etcd_endpoints"]), self.log)
+        self._keep_alive = asyncio.create_task(self._registration.keep_alive_forever())
+        for name in ("publishers", "messages_sent"):
+            self.metrics.extra.setdefault(name, 0)
+        self.log.info("publishing for Dynamo endpoint %s/%s/%s over ZMQ, %s discovery",
+                      c["namespace"], c["component"], c["endpoint"], c["discovery"])
+
+    async def _publisher(self, worker_id: int, dp_rank: int) -> _Publisher:
+        """The publisher of one (worker, rank): bound, registered, and (within
+        subscriber_wait_s) subscribed to, before its first message."""
+        import asyncio
+
+        import zmq
+
+        from ..proto.dynamo_discovery import new_publisher_id, publisher_records
+
+        c = self.config
+        sock = self._zctx.socket(zmq.XPUB)   # XPUB: it tells when a router has subscribed
+        sock.setsockopt(zmq.SNDHWM, c["hwm"])
+        port = sock.bind_to_random_port(f"tcp://{c['bind_host']}")
+        endpoint = f"tcp://{self._host}:{port}"
+        pub = _Publisher(sock, new_publisher_id(), self._dynamo.EnvelopeWriter)
+        records = publisher_records(c["namespace"], c["component"], c["endpoint"], pub.id,
+                                    worker_id, dp_rank,
+                                    {"kind": "Zmq", "config": {"endpoint": endpoint}})
+        await self._registration.put(records)
+        self.metrics.extra["publishers"] += 1
+        self.log.info("worker %d rank %d: publisher %x at %s, registered", worker_id, dp_rank,
+                      pub.id, endpoint)
+        deadline = time.monotonic() + c["subscriber_wait_s"]
+        while time.monotonic() < deadline:
+            if await sock.poll(50, zmq.POLLIN):
+                if (await sock.recv())[:1] == b"\x01":
+                    break
+        else:
+            if c["subscriber_wait_s"]:
+                self.log.warning("worker %d rank %d: no router subscribed within %.0f s; "
+                                 "publishing anyway (a router that connects later misses what "
+                                 "came before)", worker_id, dp_rank, c["subscriber_wait_s"])
+        await asyncio.sleep(0)
+        return pub
+
+    async def write(self, batch: list[Any]) -> None:
+        groups: dict[tuple[int, int], list[Any]] = {}
+        for e in batch:
+            groups.setdefault((e.worker_id, e.dp_rank), []).append(e)
+        dynamo, bs, n = self._dynamo, self.config["block_size"], self.config["events_per_message"]
+        bad: list[Any] = []
+        now_ms = int(time.time() * 1000)
+        for key, events in groups.items():
+            pub = self._publishers.get(key)
+            if pub is None:
+                pub = self._publishers[key] = await self._publisher(*key)
+            routers = []
+            for e in events:
+                try:
+                    hashes = dynamo.block_hashes_for(e, bs) if e.kind == "stored" else None
+                except dynamo.ConversionError as exc:
+                    bad.append(self.ctx.rejected(str(exc), e))
+                    continue
+                routers.append(dynamo.router_event(e, self._ids.next(*key), bs, True, hashes))
+            for i in range(0, len(routers), n):
+                seq = pub.writer.sequence
+                envelope = pub.writer.encode(routers[i:i + n], now_ms)
+                await pub.sock.send_multipart([b"kv-events", pub.id.to_bytes(8, "big"),
+                                               seq.to_bytes(8, "big"),
+                                               frame_envelope(envelope)])
+                self.metrics.extra["messages_sent"] += 1
+        await self.ctx.reject(bad)
+
+    async def stop(self) -> None:
+        """Records first (routers stop connecting), then the sockets, after their linger."""
+        import asyncio
+
+        task = getattr(self, "_keep_alive", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if getattr(self, "_registration", None) is not None:
+            await self._registration.close()
+        if getattr(self, "_zctx", None) is not None:
+            await self._zctx.close([p.sock for p in self._publishers.values()],
+                                   self.config["linger_s"], self.log)
+
+
+class _Publisher:
+    __slots__ = ("sock", "id", "writer")
+
+    def __init__(self, sock: Any, publisher_id: int, writer_type: Any):
+        self.sock, self.id = sock, publisher_id
+        self.writer = writer_type(publisher_id)
+
+
+def advertised_host(bind_host: str, advertise_host: str) -> str:
+    """What routers are told to connect to (see the ``advertise_host`` option)."""
+    import os
+    import socket
+
+    if advertise_host:
+        return advertise_host
+    if os.environ.get("DYN_EVENT_PLANE_HOST"):
+        return os.environ["DYN_EVENT_PLANE_HOST"]
+    if bind_host not in ("0.0.0.0", "*", "", "::"):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,189 @@
+"""The ``dynamo`` node against Dynamo 1.6.1 itself (the ``ai-dynamo-runtime`` wheel): its
+router consumes kvgraph as it consumes Dynamo's own publisher, and answers the same."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvgraph.event import Event
+from kvgraph.testing import free_port, run_text, wait_for
+
+from .helpers import GraphFile, ZmqPublisher
+
+dynamo_wheel = pytest.importorskip(
+    "dynamo._core", reason="ai-dynamo-runtime 1.6.1 is not installed (pip install -e '.[test]' "
+    "on Linux): Dynamo's own router is the oracle of these tests")
+
+PROCS = Path(__file__).with_name("dynamo_procs.py")
+BS = 16
+
+
+class DynamoProc:
+    """One of Dynamo's processes (tests/dynamo_procs.py), spoken to in JSON lines."""
+
+    def __init__(self, env: dict[str, str], role: str, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(PROCS), role, *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **env})
+        self.stderr: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.hello = self._read(60)
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def _read(self, timeout: float) -> Any:
+        assert self.proc.stdout is not None
+        result: list[str] = []
+        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not result or not result[0]:
+            raise AssertionError(f"{self.proc.args[2]} said nothing in {timeout} s:\n"
+                                 + "".join(self.stderr[-30:]))
+        return json.loads(result[0])
+
+    def ask(self, obj: Any, timeout: float = 30) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stored(hashes: list[int], tokens: list[int], parent: int | None) -> Event:
+    return Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=hashes, token_ids=tokens,
+                 parent_hash=parent, block_size=BS, medium="GPU")
+
+
+def removed(hashes: list[int]) -> Event:
+    return Event(kind="removed", worker_id=0, dp_rank=0, block_hashes=hashes, medium="GPU")
+
+
+def recorded_stream() -> tuple[list[list[Event]], list[list[int]]]:
+    """An engine's batches, as vLLM makes them, and 30 prompts. 10 conversations over 3 system
+    prompts: a system prompt's blocks are stored once (the engine's prefix cache: the same
+    tokens, the same hashes), each conversation's own blocks below it; then some conversations
+    lose their last two blocks, and one system prompt loses its last block (Dynamo drops what the
+    worker holds below it). Prompts: 10 whole conversations, 10 that leave them after 6 blocks,
+    10 that share nothing."""
+    def tokens(seed: int, n: int) -> list[int]:
+        return [(seed * 7919 + i * 31) % 50_000 + 1 for i in range(n * BS)]
+
+    batches: list[list[Event]] = []
+    docs: list[list[int]] = []
+    systems = {k: (tokens(100 + k, 4), [10 * k + 1 + i for i in range(4)]) for k in range(3)}
+    for k, (toks, hashes) in systems.items():
+        batches.append([stored(hashes, toks, None)])
+    for c in range(10):
+        system, sys_hashes = systems[c % 3]
+        own = tokens(200 + c, 4 + c % 3)
+        hashes = [1000 + 100 * c + i for i in range(len(own) // BS)]
+        batches.append([stored(hashes, own, sys_hashes[-1])])
+        if c % 4 == 1:
+            batches.append([removed(hashes[-2:])])
+        docs.append(system + own)
+    batches.append([removed([systems[2][1][-1]])])
+    prompts = [d + tokens(999, 1) for d in docs]                               # whole
+    prompts += [d[:6 * BS] + tokens(300 + i, 3) for i, d in enumerate(docs)]   # in part
+    prompts += [tokens(500 + i, 5) for i in range(10)]                         # misses
+    return batches, prompts
+
+
+def sentinel(n: int) -> list[Event]:
+    return [stored([10**9 + n], [50_001 + n] * BS, None)]
+
+
+@pytest.fixture
+def dynamo_env(tmp_path: Path) -> dict[str, str]:
+    return {"DYN_FILE_KV": str(tmp_path / "discovery"), "DYN_EVENT_PLANE_HOST": "127.0.0.1",
+            "DYN_LOG": "warn"}
+
+
+def test_dynamo_router_answers_the_same_fed_by_kvgraph_as_by_its_own_publisher(
+        dynamo_env, tmp_path) -> None:
+    """Issue 12: one router, two workers fed the same vLLM stream, worker 1 by Dynamo's own
+    KvEventPublisher(zmq_endpoint=...), worker 2 by kvgraph (zmq -> dynamo, file discovery).
+    The router's per-worker overlaps agree on every one of 30 prompts."""
+    from kvgraph.codecs.vllm import encode_payload
+
+    engine_ep = f"tcp://127.0.0.1:{free_port()}"
+    engine = ZmqPublisher(engine_ep)
+    router = DynamoProc(dynamo_env, "router")
+    own = DynamoProc(dynamo_env, "worker", "--publish", engine_ep)
+    fed = DynamoProc(dynamo_env, "worker")
+    w_own, w_fed = str(own.hello["instance_id"]), str(fed.hello["instance_id"])
+    graph = (GraphFile("to-dynamo")
+             .node("engine", "zmq", endpoint=engine_ep, worker_id=hex(int(w_fed)), block_size=BS)
+             .node("router", "dynamo", discovery_path=dynamo_env["DYN_FILE_KV"],
+                   advertise_host="127.0.0.1", block_size=BS)
+             .edge("engine", "router"))
+    batches, prompts = recorded_stream()
+    seq = 0
+
+    def publish(events: list[Event]) -> None:
+        nonlocal seq
+        engine.send([b"kv@test", seq.to_bytes(8, "big"), encode_payload(events, time.time(), 0)])
+        seq += 1
+
+    async def both_hold(n: int) -> None:
+        """Until the router has sentinel n from both workers (publishing it again while not:
+        a router connects to a publisher some time after it appears in discovery)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            publish(sentinel(n))
+            got = await asyncio.to_thread(router.ask, [50_001 + n] * BS)
+            if got.get(w_own) == 1 and got.get(w_fed) == 1:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the router never had sentinel {n} from both workers: {got}")
+
+    async def go() -> list[dict[str, int]]:
+        async with run_text(graph.text()):
+            await asyncio.to_thread(engine.wait_subscribed)   # Dynamo's publisher, kvgraph:
+            await asyncio.to_thread(engine.wait_subscribed)   # both read the engine
+            await both_hold(0)
+            for b in batches:
+                publish(b)
+            await both_hold(1)                                # everything before it is in
+            return [await asyncio.to_thread(router.ask, p) for p in prompts]
+
+    try:
+        answers = asyncio.run(go())
+    finally:
+        for p in (router, own, fed):
+            p.close()
+        engine.close()
+    pairs = [(a.get(w_own, 0), a.get(w_fed, 0)) for a in answers]
+    assert all(x == y for x, y in pairs), f"(dynamo's publisher, kvgraph) per prompt: {pairs}"
+    # What the engine still holds of each whole conversation: its blocks, less the two evicted
+    # (c % 4 == 1), and for system prompt 2 (c % 3 == 2) only its first 3 blocks: the remove of
+    # its last block takes what lies below it.
+    whole = [3 if c % 3 == 2 else 8 + c % 3 - (2 if c % 4 == 1 else 0) for c in range(10)]
+    hits = [x for x, _ in pairs]
+    print("router overlaps (dynamo publisher, kvgraph):", pairs)
+    assert hits[:10] == whole
+    assert hits[10:20] == [min(6, w) for w in whole]
+    assert hits[20:] == [0] * 10                                   # misses
