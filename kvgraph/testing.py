@@ -221,3 +221,60 @@ def nats_server() -> Iterator[NatsServer]:
         yield server
     finally:
         server.close()
+
+
+class EtcdServer:
+    """A real etcd (Debian's ``etcd-server`` package) on free ports, state in a temp dir, for
+    Dynamo's etcd discovery. ``EtcdServer.available()`` says why not when it cannot run."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.port = 0
+
+    @staticmethod
+    def available() -> str:
+        """Empty when etcd can run here, else what to install."""
+        return "" if shutil.which("etcd") else \
+            "etcd is not installed (Debian: apt-get install etcd-server)"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "EtcdServer":
+        import urllib.request
+
+        self._dir = tempfile.TemporaryDirectory(prefix="kvgraph-etcd-")
+        for _ in range(5):
+            self.port, peer = free_port(), free_port()
+            self.proc = subprocess.Popen(
+                ["etcd", "--data-dir", self._dir.name + f"/{self.port}",
+                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                 "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                 "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                        if b"true" in r.read():
+                            return self
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            self.close()
+        raise RuntimeError("etcd did not start")
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._dir:
+            self._dir.cleanup()
+            self._dir = None

@@ -116,29 +116,55 @@ def sentinel(n: int) -> list[Event]:
     return [stored([10**9 + n], [50_001 + n] * BS, None)]
 
 
-@pytest.fixture
-def dynamo_env(tmp_path: Path) -> dict[str, str]:
-    return {"DYN_FILE_KV": str(tmp_path / "discovery"), "DYN_EVENT_PLANE_HOST": "127.0.0.1",
-            "DYN_LOG": "warn"}
+class Discovery:
+    """Where Dynamo's processes and the graph find each other: a file directory or an etcd."""
+
+    def __init__(self, kind: str, tmp_path: Path):
+        self.kind, self.etcd = kind, None
+        self.env = {"DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_LOG": "warn"}
+        if kind == "etcd":
+            from kvgraph.testing import EtcdServer
+
+            if EtcdServer.available():
+                pytest.skip(EtcdServer.available())
+            self.etcd = EtcdServer().start()
+            self.env["ETCD_ENDPOINTS"] = self.etcd.url
+            self.node_options = {"discovery": "etcd", "etcd_endpoints": [self.etcd.url]}
+        else:
+            self.env["DYN_FILE_KV"] = str(tmp_path / "discovery")
+            self.node_options = {"discovery_path": self.env["DYN_FILE_KV"]}
+        self.args = ["--discovery", kind]
+
+    def close(self) -> None:
+        if self.etcd is not None:
+            self.etcd.close()
+
+
+@pytest.fixture(params=["file", "etcd"])
+def discovery(request, tmp_path: Path):
+    d = Discovery(request.param, tmp_path)
+    yield d
+    d.close()
 
 
 def test_dynamo_router_answers_the_same_fed_by_kvgraph_as_by_its_own_publisher(
-        dynamo_env, tmp_path) -> None:
+        discovery) -> None:
     """Issue 12: one router, two workers fed the same vLLM stream, worker 1 by Dynamo's own
-    KvEventPublisher(zmq_endpoint=...), worker 2 by kvgraph (zmq -> dynamo, file discovery).
-    The router's per-worker overlaps agree on every one of 30 prompts."""
+    KvEventPublisher(zmq_endpoint=...), worker 2 by kvgraph (zmq -> dynamo), found through
+    Dynamo's file or etcd discovery. The router's per-worker overlaps agree on 30 prompts."""
     from kvgraph.codecs.vllm import encode_payload
 
     engine_ep = f"tcp://127.0.0.1:{free_port()}"
     engine = ZmqPublisher(engine_ep)
-    router = DynamoProc(dynamo_env, "router")
-    own = DynamoProc(dynamo_env, "worker", "--publish", engine_ep)
-    fed = DynamoProc(dynamo_env, "worker")
+    env, args = discovery.env, discovery.args
+    router = DynamoProc(env, "router", *args)
+    own = DynamoProc(env, "worker", "--publish", engine_ep, *args)
+    fed = DynamoProc(env, "worker", *args)
     w_own, w_fed = str(own.hello["instance_id"]), str(fed.hello["instance_id"])
     graph = (GraphFile("to-dynamo")
              .node("engine", "zmq", endpoint=engine_ep, worker_id=hex(int(w_fed)), block_size=BS)
-             .node("router", "dynamo", discovery_path=dynamo_env["DYN_FILE_KV"],
-                   advertise_host="127.0.0.1", block_size=BS)
+             .node("router", "dynamo", advertise_host="127.0.0.1", block_size=BS,
+                   **discovery.node_options)
              .edge("engine", "router"))
     batches, prompts = recorded_stream()
     seq = 0
