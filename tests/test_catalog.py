@@ -14,7 +14,7 @@ from kvgraph.schema import graph_schema
 from .helpers import GRAPHS, ROOT
 
 CATALOG = {
-    "source": {"zmq", "api", "nats", "file", "synthetic"},
+    "source": {"zmq", "api", "nats", "file", "synthetic", "dynamo"},
     "transform": {"filter", "dedup", "batch", "python"},
     "sink": {"nats", "zmq", "file", "stdout", "null", "index", "dynamo"},
 }

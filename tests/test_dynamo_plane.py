@@ -116,42 +116,54 @@ def sentinel(n: int) -> list[Event]:
     return [stored([10**9 + n], [50_001 + n] * BS, None)]
 
 
-class Discovery:
-    """Where Dynamo's processes and the graph find each other: a file directory or an etcd."""
+class Plane:
+    """Where Dynamo's processes and the graph find each other (a file directory or an etcd)
+    and how events travel (Dynamo's ZMQ event plane, or NATS)."""
 
-    def __init__(self, kind: str, tmp_path: Path):
-        self.kind, self.etcd = kind, None
+    def __init__(self, discovery: str, transport: str, tmp_path: Path):
+        self.etcd = self.nats = None
         self.env = {"DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_LOG": "warn"}
-        if kind == "etcd":
+        self.args = ["--discovery", discovery]
+        if discovery == "etcd":
             from kvgraph.testing import EtcdServer
 
             if EtcdServer.available():
                 pytest.skip(EtcdServer.available())
             self.etcd = EtcdServer().start()
             self.env["ETCD_ENDPOINTS"] = self.etcd.url
-            self.node_options = {"discovery": "etcd", "etcd_endpoints": [self.etcd.url]}
+            self.node_options: dict[str, Any] = {"discovery": "etcd",
+                                                 "etcd_endpoints": [self.etcd.url]}
         else:
             self.env["DYN_FILE_KV"] = str(tmp_path / "discovery")
             self.node_options = {"discovery_path": self.env["DYN_FILE_KV"]}
-        self.args = ["--discovery", kind]
+        if transport == "nats":
+            from kvgraph.testing import NatsServer
+
+            self.nats = NatsServer().start()
+            self.env["NATS_SERVER"] = self.nats.url
+            self.args += ["--event-plane", "nats"]
+            self.node_options.update(transport="nats", url=self.nats.url)
 
     def close(self) -> None:
-        if self.etcd is not None:
-            self.etcd.close()
+        for server in (self.etcd, self.nats):
+            if server is not None:
+                server.close()
 
 
-@pytest.fixture(params=["file", "etcd"])
+@pytest.fixture(params=[("file", "zmq"), ("etcd", "zmq"), ("file", "nats")],
+                ids=["file-zmq", "etcd-zmq", "file-nats"])
 def discovery(request, tmp_path: Path):
-    d = Discovery(request.param, tmp_path)
-    yield d
-    d.close()
+    plane = Plane(*request.param, tmp_path)
+    yield plane
+    plane.close()
 
 
 def test_dynamo_router_answers_the_same_fed_by_kvgraph_as_by_its_own_publisher(
         discovery) -> None:
     """Issue 12: one router, two workers fed the same vLLM stream, worker 1 by Dynamo's own
     KvEventPublisher(zmq_endpoint=...), worker 2 by kvgraph (zmq -> dynamo), found through
-    Dynamo's file or etcd discovery. The router's per-worker overlaps agree on 30 prompts."""
+    Dynamo's file or etcd discovery, over its ZMQ or NATS event plane. The router's per-worker
+    overlaps agree on 30 prompts."""
     from kvgraph.codecs.vllm import encode_payload
 
     engine_ep = f"tcp://127.0.0.1:{free_port()}"
@@ -213,3 +225,53 @@ def test_dynamo_router_answers_the_same_fed_by_kvgraph_as_by_its_own_publisher(
     assert hits[:10] == whole
     assert hits[10:20] == [min(6, w) for w in whole]
     assert hits[20:] == [0] * 10                                   # misses
+
+
+def test_a_dynamo_source_re_emits_exactly_what_dynamos_own_publisher_sent(discovery) -> None:
+    """Issue 12: a kvgraph `dynamo` source finds Dynamo's KvEventPublisher (the wheel's, fed
+    with its Python API) through discovery and re-emits its events, each once, as sent."""
+    from kvgraph.codecs.dynamo import tokens_hash
+    from kvgraph.testing import capture
+
+    graph = (GraphFile("from-dynamo")
+             .node("fleet", "dynamo", poll_s=0.05, **discovery.node_options)
+             .node("out", "capture").edge("fleet", "out"))
+    sent: list[tuple[str, Any]] = []
+    for i in range(20):
+        tokens = [i * 100 + t for t in range(2 * BS)]
+        sent.append(("stored", [tokens, [i * 10 + 1, i * 10 + 2], None if i % 2 else 5]))
+        if i % 5 == 4:
+            sent.append(("removed", [i * 10 + 2]))
+
+    async def go():
+        async with run_text(graph.text()) as rt:
+            fleet = rt.contexts["fleet"].metrics
+            publisher = DynamoProc(discovery.env, "publisher", "--worker-id", "7", *discovery.args)
+            try:
+                await wait_for(lambda: fleet.extra["publishers"] == 1, timeout=30)
+                # ZMQ connects some time after: a sentinel until one arrives
+                while not capture("out"):
+                    await asyncio.to_thread(publisher.ask, {"removed": [999]})
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(publisher.ask, {"removed": [998]})   # the last one
+                await wait_for(lambda: capture("out")[-1].block_hashes == [998])
+                start = len(capture("out"))
+                for kind, body in sent:
+                    await asyncio.to_thread(publisher.ask, {kind: body})
+                await wait_for(lambda: len(capture("out")) == start + len(sent))
+                return capture("out")[start:], rt
+            finally:
+                publisher.close()
+
+    got, rt = asyncio.run(go())
+    want = []
+    for kind, body in sent:
+        if kind == "stored":
+            tokens, hashes, parent = body
+            want.append(("stored", 7, 0, hashes, parent, tokens_hash(tokens, BS)))
+        else:
+            want.append(("removed", 7, 0, body, None, None))
+    assert [(e.kind, e.worker_id, e.dp_rank, e.block_hashes, e.parent_hash, e.tokens_hashes)
+            for e in got] == want
+    m = rt.result().metrics["fleet"]
+    assert m["seq_lost"] == 0 and m["malformed"] == 0 and rt.result().ok

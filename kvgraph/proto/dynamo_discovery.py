@@ -37,12 +37,35 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..node import array, string
+
 TOPIC = "kv-events"
 CHANNELS, SOURCES = "v1/event_channels", "v1/event_sources"
 TTL_S = 10.0                        # Dynamo's file-store TTL and etcd lease expiry
 KEEP_ALIVE_S = TTL_S / 4
 #: Where Dynamo's file backend keeps its records when ``DYN_FILE_KV`` is not set.
 DEFAULT_FILE_ROOT = "/tmp/dynamo_store_kv"
+
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+
+DISCOVERY_OPTIONS = {
+    "namespace": string("Dynamo namespace of the workers' endpoint.", "dynamo",
+                        pattern=NAME_PATTERN),
+    "component": string("Dynamo component of the workers' endpoint.", "backend",
+                        pattern=NAME_PATTERN),
+    "endpoint": string("Dynamo endpoint the workers serve.", "generate", pattern=NAME_PATTERN),
+    "transport": string("Event plane: `zmq` (Dynamo 1.6.1's default) or `nats` (a deployment "
+                        "with event_plane=\"nats\" / DYN_EVENT_PLANE=nats; then `url`).", "zmq",
+                        enum=["zmq", "nats"]),
+    "discovery": string("Dynamo's discovery backend: `file` (DYN_FILE_KV) or `etcd`.", "file",
+                        enum=["file", "etcd"]),
+    "discovery_path": string("The file backend's directory, as Dynamo's DYN_FILE_KV; empty: "
+                             "DYN_FILE_KV from the environment, else Dynamo's default "
+                             "/tmp/dynamo_store_kv.", ""),
+    "etcd_endpoints": array("etcd client URLs (Dynamo's ETCD_ENDPOINTS).",
+                            {"type": "string"}, ["http://127.0.0.1:2379"], min_items=1),
+}
 
 
 def endpoint_key(namespace: str, component: str, endpoint: str) -> str:

@@ -23,29 +23,13 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Mapping
 
-from ..node import CheckContext, Problem, Sink, array, integer, number, string
+from ..node import CheckContext, Problem, Sink, integer, number, string
+from ..proto.dynamo_discovery import DISCOVERY_OPTIONS
+from ..proto.nats import CONNECTION_OPTIONS
 from ..registry import register
+from .nats import NatsSink
 
-NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 HEADER_VERSION = 1
-
-DISCOVERY_OPTIONS = {
-    "namespace": string("Dynamo namespace of the workers' endpoint.", "dynamo",
-                        pattern=NAME_PATTERN),
-    "component": string("Dynamo component of the workers' endpoint.", "backend",
-                        pattern=NAME_PATTERN),
-    "endpoint": string("Dynamo endpoint the workers serve.", "generate", pattern=NAME_PATTERN),
-    "transport": string("Event plane: `zmq` (Dynamo 1.6.1's default) or `nats` (a deployment "
-                        "with event_plane=\"nats\"; not available yet: use the `nats` sink "
-                        "with format = \"dynamo-msgpack\").", "zmq", enum=["zmq"]),
-    "discovery": string("Dynamo's discovery backend: `file` (DYN_FILE_KV) or `etcd`.", "file",
-                        enum=["file", "etcd"]),
-    "discovery_path": string("The file backend's directory, as Dynamo's DYN_FILE_KV; empty: "
-                             "DYN_FILE_KV from the environment, else Dynamo's default "
-                             "/tmp/dynamo_store_kv.", ""),
-    "etcd_endpoints": array("etcd client URLs (Dynamo's ETCD_ENDPOINTS).",
-                            {"type": "string"}, ["http://127.0.0.1:2379"], min_items=1),
-}
 
 
 def frame_envelope(envelope: bytes) -> bytes:
@@ -60,6 +44,7 @@ class DynamoSink(Sink):
     confirms_delivery = False   # PUB sockets: a router that is not there misses the events
     options = {
         **DISCOVERY_OPTIONS,
+        **CONNECTION_OPTIONS,
         "bind_host": string("Address the PUB sockets bind (a free port each).", "0.0.0.0"),
         "advertise_host": string("Host routers are told to connect to; empty: Dynamo's "
                                  "DYN_EVENT_PLANE_HOST, else bind_host unless a wildcard, else "
@@ -82,6 +67,16 @@ class DynamoSink(Sink):
     def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
         return ()
 
+    def can_confirm(self) -> bool:
+        plane = getattr(self, "_nats", None)
+        return True if plane is None else plane.can_confirm()
+
+    async def flush(self) -> None:
+        """Over NATS, what the server confirmed (the `nats` sink's delivery rules); over ZMQ,
+        nothing can be confirmed (a PUB cannot know who received)."""
+        if getattr(self, "_nats", None) is not None:
+            await self._nats.flush()
+
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -94,16 +89,22 @@ class DynamoSink(Sink):
         c = self.config
         self._dynamo = dynamo
         self._ids = dynamo.EventIds()
-        self._zctx = OwnContext(asyncio=True)
         self._publishers: dict[tuple[int, int], _Publisher] = {}
-        self._host = advertised_host(c["bind_host"], c["advertise_host"])
+        self._nats: _NatsPlane | None = None
         self._registration = Registration(
             open_discovery(c["discovery"], c["discovery_path"], c["etcd_endpoints"]), self.log)
-        self._keep_alive = asyncio.create_task(self._registration.keep_alive_forever())
         for name in ("publishers", "messages_sent"):
             self.metrics.extra.setdefault(name, 0)
-        self.log.info("publishing for Dynamo endpoint %s/%s/%s over ZMQ, %s discovery",
-                      c["namespace"], c["component"], c["endpoint"], c["discovery"])
+        if c["transport"] == "nats":
+            self._nats = _NatsPlane(self)
+            await self._nats.start()
+        else:
+            self._zctx = OwnContext(asyncio=True)
+            self._host = advertised_host(c["bind_host"], c["advertise_host"])
+        self._keep_alive = asyncio.create_task(self._registration.keep_alive_forever())
+        self.log.info("publishing for Dynamo endpoint %s/%s/%s over %s, %s discovery",
+                      c["namespace"], c["component"], c["endpoint"], c["transport"].upper(),
+                      c["discovery"])
 
     async def _publisher(self, worker_id: int, dp_rank: int) -> _Publisher:
         """The publisher of one (worker, rank): bound, registered, and (within
@@ -141,6 +142,9 @@ class DynamoSink(Sink):
         return pub
 
     async def write(self, batch: list[Any]) -> None:
+        if self._nats is not None:
+            await self._nats.write(batch)
+            return
         groups: dict[tuple[int, int], list[Any]] = {}
         for e in batch:
             groups.setdefault((e.worker_id, e.dp_rank), []).append(e)
@@ -178,9 +182,76 @@ class DynamoSink(Sink):
             await asyncio.gather(task, return_exceptions=True)
         if getattr(self, "_registration", None) is not None:
             await self._registration.close()
+        if getattr(self, "_nats", None) is not None:
+            await self._nats.stop()
         if getattr(self, "_zctx", None) is not None:
             await self._zctx.close([p.sock for p in self._publishers.values()],
                                    self.config["linger_s"], self.log)
+
+
+class _NatsPlane(NatsSink):
+    """Dynamo's event plane over NATS: the `nats` sink's delivery (confirmation tied to the
+    connection, resending, bounds), with what Dynamo's NATS publishers add: a publisher id and
+    discovery records per (worker, rank), and their messages never mixed."""
+
+    def __init__(self, owner: DynamoSink):
+        from ..proto.dynamo_discovery import subject_prefix
+
+        c = owner.config
+        config = {**NatsSink.defaults(), **{k: c[k] for k in CONNECTION_OPTIONS if k in c},
+                  "subject": subject_prefix(c["namespace"], c["component"], c["endpoint"])
+                  + ".kv-events", "format": "dynamo-msgpack", "block_size": c["block_size"],
+                  "events_per_message": c["events_per_message"]}
+        super().__init__(_WithConfig(owner.ctx, config))
+        self._owner = owner
+        self._writers: dict[tuple[int, int], Any] = {}
+
+    async def write(self, batch: list[Any]) -> None:
+        """Register the publishers of workers seen for the first time, then send."""
+        from ..proto.dynamo_discovery import new_publisher_id, publisher_records, subject_prefix
+
+        owner, c = self._owner, self._owner.config
+        for e in batch:
+            key = (e.worker_id, e.dp_rank)
+            if key in self._writers:
+                continue
+            pid = new_publisher_id()
+            prefix = subject_prefix(c["namespace"], c["component"], c["endpoint"])
+            await owner._registration.put(publisher_records(
+                c["namespace"], c["component"], c["endpoint"], pid, *key,
+                {"kind": "Nats", "config": {"subject_prefix": prefix}}))
+            self._writers[key] = self._dynamo.EnvelopeWriter(pid)
+            owner.metrics.extra["publishers"] += 1
+            owner.log.info("worker %d rank %d: publisher %x on %s.kv-events, registered",
+                           *key, pid, prefix)
+        await super().write(batch)
+
+    def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
+                                                                list[Any]]:
+        routers, _, bad = self._router_events(batch)
+        groups: dict[tuple[int, int], list[Any]] = {}
+        for r in routers:
+            groups.setdefault((r.worker_id, r.event.dp_rank), []).append(r)
+        now_ms, n, out = int(time.time() * 1000), self._per_message, []
+        for key, items in groups.items():
+            writer = self._writers[key]
+            for i in range(0, len(items), n):
+                fitted: list[tuple[bytes, int]] = []
+                self._fitted(items[i:i + n], writer.payload, writer.OVERHEAD, fitted, bad)
+                out += [(self._subject, writer.wrap(body, now_ms), k) for body, k in fitted]
+        self._owner.metrics.extra["messages_sent"] += len(out)
+        return out, bad
+
+
+class _WithConfig:
+    """A node's context with another config: the NATS plane runs the `nats` sink's code with
+    the options it derives, and counts and reports as the `dynamo` node."""
+
+    def __init__(self, ctx: Any, config: dict[str, Any]):
+        self._ctx, self.config = ctx, config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
 
 
 class _Publisher:
