@@ -4,7 +4,8 @@ Data first: :func:`layout` describes nodes and edges once (shape, label, style),
 renderer only formats it. Sources, transforms and sinks have distinct shapes; an edge is
 labelled with its port when that is not ``out``, and with capacity and when_full when they
 differ from the defaults; edges from ``errors`` ports are dashed. Options are never drawn, so no
-secret can leak into a diagram.
+secret can leak into a diagram; a type may name the system outside it talks to
+(:meth:`NodeType.outside`, built from options that are never secret), drawn under its type.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def to_mermaid(graph: Graph) -> str:
     for node in graph.nodes.values():
         open_, close = _MERMAID_SHAPE[node.kind]
         label = f"<b>{_mermaid_text(node.id)}</b><br/>{node.type.name}"
+        if outside := node.type.outside(node.config):
+            label += f"<br/><i>{_mermaid_text(outside)}</i>"
         lines.append(f"    {node.id}{open_}{label}{close}:::{node.kind.value}")
     for e in layout(graph):
         arrow = "-.->" if e.dashed else "-->"
@@ -95,6 +98,8 @@ def to_dot(graph: Graph) -> str:
         lines.append(f"    label={_dot_quote(graph.description)}; labelloc=t;")
     for node in graph.nodes.values():
         label = f"{node.id}\\n{node.type.name}"
+        if outside := node.type.outside(node.config):
+            label += "\\n" + outside.replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'    {_dot_quote(node.id)} [label="{label}", {_DOT_SHAPE[node.kind]}];')
     for e in layout(graph):
         attrs = []

@@ -144,6 +144,13 @@ class NodeType:
         return ()
 
     @classmethod
+    def outside(cls, config: Mapping[str, Any]) -> str:
+        """The system outside kvgraph this node talks to, in a few words for diagrams (`draw`
+        shows it under the type). Built only from options that are never secret; empty (the
+        default) shows nothing."""
+        return ""
+
+    @classmethod
     def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
         """Addresses this node binds; the validator reports any address bound twice."""
         return ()

@@ -48,9 +48,16 @@ def test_mermaid_structure() -> None:
 
 
 def test_no_option_reaches_a_diagram() -> None:
-    g = load(GRAPHS / "vllm-to-dynamo.toml")
+    g = load(GRAPHS / "vllm-to-dynamo-nats.toml")
     for text in (to_mermaid(g), to_dot(g)):
         assert "127.0.0.1" not in text and "kv_events" not in text
+
+
+def test_a_dynamo_node_shows_the_dynamo_endpoint_and_transport_it_feeds() -> None:
+    g = load(GRAPHS / "vllm-to-dynamo.toml")
+    assert "<i>Dynamo dynamo/backend/generate, zmq + file discovery</i>" in to_mermaid(g)
+    assert 'label="router\\ndynamo\\nDynamo dynamo/backend/generate, zmq + file discovery"' \
+        in to_dot(g)
 
 
 def test_dot_is_valid_graphviz_input() -> None:

@@ -62,7 +62,7 @@ DISCOVERY_OPTIONS = {
                         enum=["file", "etcd"]),
     "discovery_path": string("The file backend's directory, as Dynamo's DYN_FILE_KV; empty: "
                              "DYN_FILE_KV from the environment, else Dynamo's default "
-                             "/tmp/dynamo_store_kv.", ""),
+                             "/tmp/dynamo_store_kv. May use ${ENV}.", "", env=True),
     "etcd_endpoints": array("etcd client URLs (Dynamo's ETCD_ENDPOINTS).",
                             {"type": "string"}, ["http://127.0.0.1:2379"], min_items=1),
 }

@@ -67,6 +67,11 @@ class DynamoSink(Sink):
     def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
         return ()
 
+    @classmethod
+    def outside(cls, config: Mapping[str, Any]) -> str:
+        return (f"Dynamo {config['namespace']}/{config['component']}/{config['endpoint']}, "
+                f"{config['transport']} + {config['discovery']} discovery")
+
     def can_confirm(self) -> bool:
         plane = getattr(self, "_nats", None)
         return True if plane is None else plane.can_confirm()

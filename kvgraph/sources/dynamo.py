@@ -22,7 +22,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Mapping
 
 from ..node import Source, integer, number
 from ..proto.dynamo_discovery import DISCOVERY_OPTIONS
@@ -47,6 +47,11 @@ class DynamoSource(Source):
                        100_000, minimum=1),
     }
     example = 'namespace = "dynamo"\ncomponent = "backend"\nendpoint = "generate"'
+
+    @classmethod
+    def outside(cls, config: Mapping[str, Any]) -> str:
+        return (f"Dynamo {config['namespace']}/{config['component']}/{config['endpoint']}, "
+                f"{config['transport']} + {config['discovery']} discovery")
 
     async def start(self) -> None:
         import zmq
