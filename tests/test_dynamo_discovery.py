@@ -134,3 +134,61 @@ def test_worker_ids_past_2_63_are_written_in_hex(tmp_path) -> None:
             assert_dynamo_shapes(records(backend), 0xd3c1a2b3c4d5e6f7)
 
     asyncio.run(go())
+
+
+def test_a_dynamo_source_counts_a_publishers_sequence_gap_and_rejects_malformed_frames(
+        tmp_path) -> None:
+    """A publisher found through discovery sends sequences 0, 1, 3 and a frame with a bad
+    header: seq 2 is a counted loss with a record on `errors`, the bad frame an error, and the
+    rest goes through."""
+    from kvgraph.codecs.dynamo import EnvelopeWriter, router_event
+    from kvgraph.event import Event
+    from kvgraph.proto.dynamo_discovery import publisher_records
+    from kvgraph.sinks.dynamo import frame_envelope
+    from kvgraph.testing import capture, free_port
+
+    from .helpers import ZmqPublisher
+
+    root = tmp_path / "kv"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    pub = ZmqPublisher(endpoint)
+    backend = FileDiscovery(root)
+    for record in publisher_records("dynamo", "backend", "generate", 77, 5, 0,
+                                    {"kind": "Zmq", "config": {"endpoint": endpoint}}):
+        backend.put(*record)
+    writer = EnvelopeWriter(77)
+
+    def message(seq: int, block: int) -> list[bytes]:
+        writer.sequence = seq
+        e = Event(kind="removed", worker_id=5, dp_rank=0, block_hashes=[block])
+        body = writer.encode([router_event(e, seq + 1, 4)], 0)
+        return [b"kv-events", (77).to_bytes(8, "big"), seq.to_bytes(8, "big"),
+                frame_envelope(body)]
+
+    graph = (GraphFile("gaps").node("fleet", "dynamo", discovery_path=str(root), poll_s=0.05)
+             .node("out", "capture").node("dead", "capture")
+             .edge("fleet", "out").edge("fleet.errors", "dead"))
+
+    async def go():
+        async with run_text(graph.text()) as rt:
+            await asyncio.to_thread(pub.wait_subscribed)
+            for seq in (0, 1, 3):
+                pub.send(message(seq, 100 + seq))
+            bad = message(4, 104)
+            bad[3] = b"\x02" + bad[3][1:]          # header version 2
+            pub.send(bad)
+            pub.send(message(5, 105))
+            await wait_for(lambda: len(capture("out")) == 4 and len(capture("dead")) == 2)
+        return rt.result()
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        pub.close()
+        backend.close()
+    assert [e.block_hashes[0] for e in capture("out")] == [100, 101, 103, 105]
+    m = result.metrics["fleet"]
+    assert m["seq_lost"] == 1 and m["malformed"] == 1 and result.lost == {"fleet": 1}
+    reasons = sorted(r.reason for r in capture("dead"))
+    assert reasons[0].startswith("lost 1 message(s) of publisher 4d, sequence 2..2")
+    assert "bad frame header" in reasons[1]

@@ -150,29 +150,41 @@ class DynamoSource(Source):
             self.log.info("publisher %x at %s: gone from discovery, disconnected", pid, endpoint)
 
     def _ingest(self, frames: list[bytes], events: list[Any], rejected: list[Any]) -> None:
-        """One ZMQ message: its frames checked, then its envelope."""
+        """One ZMQ message: its publisher and sequence (from the frames, so that a message
+        whose body is malformed is an error, not also a gap), then its envelope."""
         if len(frames) != 4 or len(frames[1]) != 8 or len(frames[2]) != 8:
             return self._malformed(rejected, f"{len(frames)} frame(s), expected 4 (topic, "
                                    "publisher id, sequence, frame)", frames)
+        if not self._in_sequence(int.from_bytes(frames[1], "big"),
+                                 int.from_bytes(frames[2], "big"), rejected):
+            return None
         frame = frames[3]
         if len(frame) < 5 or frame[0] != 1 or int.from_bytes(frame[1:5], "big") != len(frame) - 5:
             return self._malformed(rejected, "bad frame header (version 1 and the payload "
                                    "length expected)", frames)
-        return self._envelope(memoryview(frame)[5:], events, rejected, frames)
-
-    def _envelope(self, body: Any, events: list[Any], rejected: list[Any],
-                  frames: list[bytes]) -> None:
-        """One envelope (as NATS carries it, or inside a ZMQ frame): its events, in publisher
-        sequence order; a jump in the sequence is counted lost."""
-        dynamo = self._dynamo
         try:
-            pid, seq, evs = dynamo.decode_envelope(body)
-        except dynamo.ConversionError as exc:
+            _, _, evs = self._dynamo.decode_envelope(memoryview(frame)[5:])
+        except self._dynamo.ConversionError as exc:
             return self._malformed(rejected, str(exc), frames)
+        events.extend(evs)
+        return None
+
+    def _envelope(self, body: bytes, events: list[Any], rejected: list[Any]) -> None:
+        """One envelope as NATS carries it: publisher and sequence are inside."""
+        try:
+            pid, seq, evs = self._dynamo.decode_envelope(body)
+        except self._dynamo.ConversionError as exc:
+            return self._malformed(rejected, str(exc), [body])
+        if self._in_sequence(pid, seq, rejected):
+            events.extend(evs)
+        return None
+
+    def _in_sequence(self, pid: int, seq: int, rejected: list[Any]) -> bool:
+        """False for a message already had; a jump in a publisher's sequence is counted lost."""
         last = self._last_seq.get(pid)
         if last is not None and seq <= last:
             self.metrics.extra["duplicates"] += 1
-            return None
+            return False
         if last is not None and seq > last + 1:
             n = seq - last - 1
             self.metrics.extra["seq_lost"] += n
@@ -182,8 +194,7 @@ class DynamoSource(Source):
             self.log.problem("lost", "%s", reason)
             rejected.append(self.ctx.rejected(reason))
         self._last_seq[pid] = seq
-        events.extend(evs)
-        return None
+        return True
 
     def _malformed(self, rejected: list[Any], why: str, frames: list[bytes]) -> None:
         self.metrics.extra["malformed"] += 1
@@ -206,8 +217,7 @@ class DynamoSource(Source):
             if self._nc is not None:
                 self._arrived.clear()      # before draining: what comes after sets it again
             while queue and len(events) < limit:
-                body = queue.popleft()
-                self._envelope(body, events, rejected, [body])
+                self._envelope(queue.popleft(), events, rejected)
             if self._nc is not None:
                 self._space.set()
             while len(events) < limit:
