@@ -192,3 +192,16 @@ def test_a_dynamo_source_counts_a_publishers_sequence_gap_and_rejects_malformed_
     reasons = sorted(r.reason for r in capture("dead"))
     assert reasons[0].startswith("lost 1 message(s) of publisher 4d, sequence 2..2")
     assert "bad frame header" in reasons[1]
+
+
+def test_validate_connect_checks_the_discovery_backend(tmp_path) -> None:
+    from kvgraph.testing import free_port, load_text
+    from kvgraph.validate import probe
+
+    down = f"http://127.0.0.1:{free_port()}"
+    graph = load_text(sink_graph(discovery="etcd", etcd_endpoints=[down]).text())
+    problems = asyncio.run(probe(graph))
+    assert any("no etcd endpoint answered" in d.format() and "router" in d.format()
+               for d in problems), [d.format() for d in problems]
+    ok = load_text(sink_graph(discovery_path=str(tmp_path / "kv")).text())
+    assert not asyncio.run(probe(ok))

@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..node import array, string
+from ..node import Problem, array, string
 
 TOPIC = "kv-events"
 CHANNELS, SOURCES = "v1/event_channels", "v1/event_sources"
@@ -305,3 +305,35 @@ class Registration:
         except (DiscoveryError, OSError) as exc:
             self.log.warning("could not remove the discovery records (%s); they expire within "
                              "%.0f s", exc, TTL_S)
+
+
+class DiscoveryProbe:
+    """``validate --connect`` for the ``dynamo`` node types: the discovery backend answers (etcd)
+    or can be written (a file directory), and the NATS server answers when it is the plane."""
+
+    @classmethod
+    async def probe(cls, config: dict[str, Any]) -> list[Problem]:
+        import asyncio
+
+        problems = []
+        if config["discovery"] == "etcd":
+            backend = EtcdDiscovery(config["etcd_endpoints"])
+            prefix = endpoint_key(config["namespace"], config["component"], config["endpoint"])
+            try:
+                await asyncio.to_thread(backend.list, CHANNELS, prefix)
+            except DiscoveryError as exc:
+                problems.append(Problem("etcd_endpoints", str(exc),
+                                        hint="is etcd running there? (Dynamo's ETCD_ENDPOINTS)"))
+        else:
+            root = Path(config["discovery_path"] or os.environ.get("DYN_FILE_KV")
+                        or DEFAULT_FILE_ROOT)
+            existing = next((p for p in (root, *root.parents) if p.exists()), None)
+            if existing is None or not os.access(existing, os.W_OK):
+                problems.append(Problem("discovery_path", f"{root} cannot be written",
+                                        hint="the directory Dynamo's processes use "
+                                             "(DYN_FILE_KV), writable by kvgraph"))
+        if config["transport"] == "nats":
+            from .nats import probe as nats_probe
+
+            problems += await nats_probe(config, stream_needed=False)
+        return problems

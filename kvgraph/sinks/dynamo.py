@@ -24,7 +24,7 @@ import time
 from typing import Any, Iterable, Mapping
 
 from ..node import CheckContext, Problem, Sink, integer, number, string
-from ..proto.dynamo_discovery import DISCOVERY_OPTIONS
+from ..proto.dynamo_discovery import DISCOVERY_OPTIONS, DiscoveryProbe
 from ..proto.nats import CONNECTION_OPTIONS
 from ..registry import register
 from .nats import NatsSink
@@ -38,7 +38,7 @@ def frame_envelope(envelope: bytes) -> bytes:
 
 
 @register
-class DynamoSink(Sink):
+class DynamoSink(DiscoveryProbe, Sink):
     name = "dynamo"
     summary = "Publish to Dynamo's KV event plane (ZMQ), registered in Dynamo's discovery."
     confirms_delivery = False   # PUB sockets: a router that is not there misses the events

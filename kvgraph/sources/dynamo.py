@@ -25,13 +25,13 @@ from collections import deque
 from typing import Any, Mapping
 
 from ..node import Source, integer, number
-from ..proto.dynamo_discovery import DISCOVERY_OPTIONS
+from ..proto.dynamo_discovery import DISCOVERY_OPTIONS, DiscoveryProbe
 from ..proto.nats import CONNECTION_OPTIONS
 from ..registry import register
 
 
 @register
-class DynamoSource(Source):
+class DynamoSource(DiscoveryProbe, Source):
     name = "dynamo"
     summary = "Read Dynamo's KV event plane (ZMQ): every publisher of an endpoint, found in " \
               "Dynamo's discovery."
