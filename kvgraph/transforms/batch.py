@@ -3,7 +3,9 @@
 Consecutive stores merge when each continues the previous chain; consecutive removes merge.
 A run is flushed on a kind change, a worker, DP rank or tier change, a chain break, a clear,
 ``max_events`` or ``max_delay_ms``. The merged output builds exactly the same index state,
-provided each store's parent is a block the worker holds, as a real engine's are. A store on an
+provided each store's parent is a block the worker holds and each block hash names its content
+(the same hash, the same tokens), as a real engine's do: in Dynamo's tree a chain stored in one
+event or in several makes the same edge then. A store on an
 unknown parent (a stream error, e.g. after a gap that could not be repaired) is rejected by the
 index; a merged run is rejected with it, including a continuation that alone would have been
 accepted because its parent block was already held from an earlier store.
