@@ -230,6 +230,9 @@ class PrefixIndex:
         i = 0
         while i < n:
             child = parent.children.get(tokens_hashes[i]) if parent.children else None
+            if child is not None and not child.held():   # nobody holds it: a new edge instead
+                self._unlink(child)
+                child = None
             if child is None:
                 if parent is not self.root and not parent.internal and \
                         parent.covered(bit) == len(parent.keys):
@@ -310,13 +313,25 @@ class PrefixIndex:
                 if gone.children:
                     stack.extend(gone.children.values())
             edge.children = None
-        if not edge.cut and edge.parent is not None:
-            siblings = edge.parent.children
-            if siblings is not None and siblings.get(edge.keys[0]) is edge:
-                del siblings[edge.keys[0]]
-                self._positions -= len(edge.keys)
-                if not siblings:
-                    edge.parent.children = None
+        if not edge.cut:
+            self._unlink(edge)
+
+    def _unlink(self, edge: _Edge) -> None:
+        """Take an edge nobody holds (and what is below it) out of the tree."""
+        parent = edge.parent
+        if parent is None:
+            return
+        siblings = parent.children
+        if siblings is not None and siblings.get(edge.keys[0]) is edge:
+            del siblings[edge.keys[0]]
+            self._positions -= len(edge.keys)
+            stack = list((edge.children or {}).values())
+            while stack:
+                gone = stack.pop()
+                self._positions -= len(gone.keys)
+                stack.extend((gone.children or {}).values())
+            if not siblings:
+                parent.children = None
 
     def clear(self, w: WorkerKey) -> int:
         """Apply a cleared event; returns the number of names the worker lost."""

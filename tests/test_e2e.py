@@ -1010,6 +1010,19 @@ def test_kvgraph_and_dynamos_own_relay_send_the_same_router_events(tmp_path: Pat
         h += 2
         if seq == 3:
             evs.append(Event(kind="removed", worker_id=0, dp_rank=0, block_hashes=[h - 1]))
+        if seq == 4:   # the edge cases issue 13 found, as Dynamo's relay treats them
+            tokens = list(range(48))
+            evs += [Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=[900, 901],
+                          medium="GPU", block_size=16, token_ids=tokens[:24]),   # 1.5 blocks
+                    Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=[902, 903],
+                          medium="GPU", block_size=16, token_ids=tokens[:40]),   # 2.5 blocks
+                    Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=[904],
+                          medium="GPU", block_size=16, token_ids=tokens[:16],
+                          cache_salt="tenant-a"),
+                    Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=[905],
+                          medium="CPU", block_size=16, token_ids=tokens[:16]),
+                    Event(kind="stored", worker_id=0, dp_rank=0, block_hashes=[906],
+                          medium="GPU", block_size=16, token_ids=tokens[:16], group_idx=1)]
         if seq == 5:
             evs.append(Event(kind="cleared", worker_id=0, dp_rank=0))
         batches.append(encode_payload(evs, 1.0))
@@ -1045,4 +1058,4 @@ def test_kvgraph_and_dynamos_own_relay_send_the_same_router_events(tmp_path: Pat
         seen[relay] = _flatten(asyncio.run(go()))
         engine.close()
     assert seen["kvgraph"] == seen["dynamo"]
-    assert len([x for x in seen["dynamo"] if x[0] == "stored"]) == 12
+    assert len([x for x in seen["dynamo"] if x[0] == "stored"]) == 12 + 1 + 2 + 1 + 1

@@ -148,6 +148,29 @@ def http(port: int, method: str, path: str, body: bytes | None = None):
         return e.code, e.read()
 
 
+def test_the_index_sink_scores_the_device_tier_of_the_main_group_as_dynamo_does() -> None:
+    """Issue 13: a CPU copy is not a GPU hit and its removal leaves the GPU block; a
+    sliding-window group (group_idx 1) is not indexed; a store whose tokens run out keeps its
+    complete blocks, as Dynamo's relay does."""
+    FEEDS["tiers"] = [[
+        stored(1, list(range(8)), [10, 11]),
+        stored(2, list(range(8)), [20, 21], medium="CPU"),
+        stored(3, list(range(8)), [30, 31], group_idx=1),
+        Event(kind="removed", worker_id=1, dp_rank=0, block_hashes=[11], medium="CPU"),
+        stored(4, list(range(6)), [40, 41]),     # 1.5 blocks of 4
+    ]]
+
+    async def go():
+        async with run_text(INDEX_GRAPH.format(feed="tiers")) as rt:
+            node = rt.nodes["idx"]
+            await wait_for(lambda: rt.contexts["idx"].metrics.events_in == 5)
+            return node.query(list(range(8))), rt.contexts["idx"].metrics.extra
+
+    answer, extra = asyncio.run(go())
+    assert [(s["worker_id"], s["matched_blocks"]) for s in answer["scores"]] == [(1, 2), (4, 1)]
+    assert extra["not_indexed"] == 3 and extra["blocks_without_tokens"] == 1
+
+
 def test_index_sink_answers_queries_over_http_and_python() -> None:
     FEEDS["idx"] = [[
         stored(1, list(range(12)), [10, 11, 12]),

@@ -28,7 +28,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kvgraph.prefix_index import IndexError_, PrefixIndex
@@ -47,14 +47,19 @@ class Both:
         self.dynamo = dynamo_core.RadixTree()
         self.kvgraph = PrefixIndex()
         self.event_id = 0
+        self.dynamo_panicked = False
 
     def _dynamo(self, worker: int, rank: int, data: Any) -> None:
         self.event_id += 1
         body = json.dumps({"event_id": self.event_id, "data": data, "dp_rank": rank}).encode()
         try:
             self.dynamo.apply_event(worker, body)
-        except (RuntimeError, ValueError):
-            pass   # Dynamo refuses it (unknown parent, unknown block...); so must we
+        except (RuntimeError, ValueError) as exc:
+            # Dynamo refuses it (unknown parent, unknown block...), and so must we; or its
+            # tree panicked (a cleared worker still on an edge that a later store splits:
+            # split_node unwraps its lookup), and there is no oracle for the rest
+            if "Failed to apply event" not in str(exc):
+                self.dynamo_panicked = True
 
     def store(self, worker: int, rank: int, parent: int | None, blocks: list[int],
               tokens: list[int]) -> None:
@@ -174,4 +179,7 @@ def test_generated_streams_score_the_same(ops: list[Op]) -> None:
             b.remove(worker, rank, body)
         else:
             b.clear(worker, rank)
+        if b.dynamo_panicked:
+            break
+    assume(not b.dynamo_panicked)   # streams that crash Dynamo's own tree have no oracle
     b.assert_same(QUERIES)

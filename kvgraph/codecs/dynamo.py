@@ -117,16 +117,21 @@ def block_hashes_for(e: Event, block_size: int) -> list[int]:
         raise ConversionError(
             f"engine block_size {e.block_size} differs from the configured block_size "
             f"{block_size}: set block_size = {e.block_size} on this node")
+    # As Dynamo's relay: the blocks whose tokens are all there (extra tokens are ignored, and
+    # blocks past the tokens are not published); an event with no complete block is none.
     n = len(e.block_hashes)
-    if len(e.token_ids) != n * block_size:
+    complete = min(n, len(e.token_ids) // block_size)
+    if not complete:
         raise ConversionError(
-            f"stored event has {len(e.token_ids)} token ids for {n} block(s) of {block_size}; "
-            "Dynamo's tokens_hash needs exactly block_size tokens per block"
+            f"stored event has {len(e.token_ids)} token ids for {n} block(s) of {block_size}: "
+            "no complete block, so no tokens_hash"
             + (" (offload events carry no tokens: filter medium upstream)"
                if not e.token_ids else ""))
-    if e.token_ids and not isinstance(e.token_ids[0], int):
+    if not isinstance(e.token_ids[0], int):
         raise ConversionError("token_ids are not plain integers (EAGLE pairs are not supported)")
-    return tokens_hash(e.token_ids, block_size, e.lora_name, namespace_of(e))
+    tokens = e.token_ids if len(e.token_ids) == complete * block_size \
+        else e.token_ids[:complete * block_size]
+    return tokens_hash(tokens, block_size, e.lora_name, namespace_of(e))
 
 
 class _OutBlock(msgspec.Struct, gc=False):

@@ -58,6 +58,7 @@ def _stored_fields(tokens: Any, hash_t: Any = Hash) -> list[tuple[Any, ...]]:
         ("ownership", Optional[str], None),
         ("session_id", Optional[str], None),
         ("lookahead_token_ids", Optional[list[list[int]]], None),
+        ("cache_salt", Optional[str], None),   # salts tokens_hash (Dynamo's cache namespace)
     ]
 
 
@@ -105,7 +106,7 @@ _dec_event_a = msgspec.msgpack.Decoder(Union[_ENCODINGS[True, True]])
 
 _OPTIONAL_STORED = ("lora_id", "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind",
                     "kv_cache_spec_sliding_window", "locality", "ownership", "session_id",
-                    "lookahead_token_ids")
+                    "lookahead_token_ids", "cache_salt")
 
 
 def _decode_batch(payload: bytes) -> Any:
@@ -169,7 +170,7 @@ def decode_payload(payload: bytes, worker_id: int = 0, seq: int | None = None
                     or e.group_idx is not None or e.kv_cache_spec_kind is not None
                     or e.kv_cache_spec_sliding_window is not None or e.locality is not None
                     or e.ownership is not None or e.session_id is not None
-                    or e.lookahead_token_ids is not None):
+                    or e.lookahead_token_ids is not None or e.cache_salt is not None):
                 for name in _OPTIONAL_STORED:
                     value = getattr(e, name)
                     if value is not None:

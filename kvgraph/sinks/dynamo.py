@@ -162,6 +162,10 @@ class DynamoSink(DiscoveryProbe, Sink):
                 pub = self._publishers[key] = await self._publisher(*key)
             routers = []
             for e in events:
+                if e.group_idx:   # as Dynamo's relay: only the main KV group reaches routers
+                    self.metrics.extra["not_main_group"] = \
+                        self.metrics.extra.get("not_main_group", 0) + 1
+                    continue
                 try:
                     hashes = dynamo.block_hashes_for(e, bs) if e.kind == "stored" else None
                 except dynamo.ConversionError as exc:

@@ -1,7 +1,13 @@
 """``index`` sink: the router's prefix index, in the box.
 
 Keeps per (worker_id, dp_rank) block maps in a radix tree keyed by Dynamo's tokens_hash, with
-the router's semantics, and answers "which worker holds the longest prefix" over HTTP:
+the router's semantics (``kvgraph/prefix_index.py``), and answers "which worker holds the
+longest prefix" over HTTP. It indexes the device tier of the main KV group, which is what a
+score means: events of other tiers (CPU, disk: ``medium``) and of other groups (``group_idx``
+above 0, such as sliding-window layers) are counted in ``not_indexed`` and left out, so a CPU
+copy neither counts as a GPU hit nor removes the GPU block. As Dynamo's relay, a stored event
+whose tokens run out before its blocks keeps the complete blocks (``blocks_without_tokens``).
+Endpoints:
 ``POST /query``, ``POST /query_by_hash``, ``GET /workers``, ``GET /dump``.
 
 The same queries without HTTP, on a running graph: ``rt.nodes["index"].query(token_ids)``,
@@ -70,7 +76,7 @@ class IndexSink(Sink):
     async def start(self) -> None:
         c = self.config
         self.index = PrefixIndex(c["max_blocks"])
-        for name in ("unknown_removes", "rejected_stores"):
+        for name in ("unknown_removes", "rejected_stores", "not_indexed", "blocks_without_tokens"):
             self.metrics.extra.setdefault(name, 0)
         self._server = await serve(self._handle, c["host"], c["port"], c["max_body_bytes"],
                                    self.metrics.extra)
@@ -89,10 +95,18 @@ class IndexSink(Sink):
             if not isinstance(e, Event):
                 bad.append(self.ctx.rejected("not an event"))
                 continue
+            if e.kind != CLEARED and (e.group_idx or (e.medium is not None and
+                                                      dynamo.storage_tier(e.medium) != "device")):
+                self.metrics.extra["not_indexed"] += 1   # another tier, or a non-main group
+                continue
             w = (e.worker_id, e.dp_rank)
             try:
                 if e.kind == STORED:
-                    idx.store(w, e.parent_hash, e.block_hashes, dynamo.block_hashes_for(e, bs))
+                    hashes = dynamo.block_hashes_for(e, bs)
+                    if len(hashes) < len(e.block_hashes):   # as Dynamo: tokens ran out
+                        self.metrics.extra["blocks_without_tokens"] += \
+                            len(e.block_hashes) - len(hashes)
+                    idx.store(w, e.parent_hash, e.block_hashes[:len(hashes)], hashes)
                 elif e.kind == CLEARED:
                     idx.clear(w)
                 else:

@@ -203,6 +203,10 @@ class NatsSink(NatsProbe, Sink):
                 bad.append(self.ctx.rejected("not an event (an error record cannot be sent in "
                                              "a Dynamo format; use format = \"jsonl\")"))
                 continue
+            if e.group_idx:   # as Dynamo's relay: only the main KV group reaches routers
+                self.metrics.extra["not_main_group"] = \
+                    self.metrics.extra.get("not_main_group", 0) + 1
+                continue
             try:  # computed (and checked) before an event id is taken
                 hashes = hashes_for(e, bs) if e.kind == STORED else None
             except failed as exc:
