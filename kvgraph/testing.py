@@ -167,6 +167,17 @@ def nats_server_binary() -> str:
     return found
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
+    """Stop a server the tests started: SIGTERM, then SIGKILL after ``timeout``."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class NatsServer:
     """A real nats-server on a free port, JetStream on, state in a temp dir."""
 
@@ -200,13 +211,7 @@ class NatsServer:
         raise RuntimeError("nats-server did not start")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def close(self) -> None:
         self.stop()
@@ -268,13 +273,7 @@ class EtcdServer:
         raise RuntimeError("etcd did not start")
 
     def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if self._dir:
             self._dir.cleanup()
             self._dir = None

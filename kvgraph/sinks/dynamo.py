@@ -21,9 +21,9 @@ router takes one publisher per worker and ignores a worker with two.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-from ..node import CheckContext, Problem, Sink, integer, number, string
+from ..node import Sink, integer, number, string
 from ..proto.dynamo_discovery import DISCOVERY_OPTIONS, DiscoveryProbe
 from ..proto.nats import CONNECTION_OPTIONS
 from ..registry import register
@@ -62,10 +62,6 @@ class DynamoSink(DiscoveryProbe, Sink):
                            "router (ZMQ LINGER).", 5.0, minimum=0),
     }
     example = 'namespace = "dynamo"\ncomponent = "backend"\nendpoint = "generate"'
-
-    @classmethod
-    def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
-        return ()
 
     @classmethod
     def outside(cls, config: Mapping[str, Any]) -> str:
@@ -114,8 +110,6 @@ class DynamoSink(DiscoveryProbe, Sink):
     async def _publisher(self, worker_id: int, dp_rank: int) -> _Publisher:
         """The publisher of one (worker, rank): bound, registered, and (within
         subscriber_wait_s) subscribed to, before its first message."""
-        import asyncio
-
         import zmq
 
         from ..proto.dynamo_discovery import new_publisher_id, publisher_records
@@ -143,7 +137,6 @@ class DynamoSink(DiscoveryProbe, Sink):
                 self.log.warning("worker %d rank %d: no router subscribed within %.0f s; "
                                  "publishing anyway (a router that connects later misses what "
                                  "came before)", worker_id, dp_rank, c["subscriber_wait_s"])
-        await asyncio.sleep(0)
         return pub
 
     async def write(self, batch: list[Any]) -> None:
