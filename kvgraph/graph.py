@@ -86,14 +86,15 @@ Report = Callable[[Sequence[Hashable], str, str, str], None]
 
 def check_structure(nodes: dict[str, Kind], ports: dict[str, tuple[str, ...]],
                     edges: list[Edge], report: Report,
-                    names: Sequence[str] | None = None) -> None:
+                    names: Sequence[str] | None = None,
+                    serving: set[str] | frozenset[str] = frozenset()) -> None:
     """Structural checks that need all nodes and edges; every finding goes to ``report``.
 
     ``nodes`` maps each node id whose type is known to its kind, ``ports`` to its output ports;
     ``names`` are all the node ids of the file (for "did you mean"; default: ``nodes``).
     Edges that name unknown nodes are reported and left out of the later checks, and the
     nodes at their other end get no "feeds nothing" / "no input" warning: the typo is the
-    problem, said once.
+    problem, said once. Nodes in ``serving`` (servers, see ``NodeType.serves``) need no input.
     """
     from .schema import closest, suggest
 
@@ -143,7 +144,8 @@ def check_structure(nodes: dict[str, Kind], ports: dict[str, tuple[str, ...]],
     for node_id, kind in nodes.items():
         if node_id in broken_ends:
             continue
-        if kind is not Kind.SOURCE and not any(e.dst == node_id for e in good):
+        if kind is not Kind.SOURCE and node_id not in serving and \
+                not any(e.dst == node_id for e in good):
             report(("nodes", node_id), f"{kind} {node_id!r} has no input: nothing will reach it",
                    "add an edge to it, or remove it", "warning")
         if kind is not Kind.SINK and not any(e.src == node_id and e.src_port == DEFAULT_PORT

@@ -50,7 +50,7 @@ BODY_BUDGET = 64 * 1024 * 1024
 ANSWER_BUDGET = 256 * 1024 * 1024
 
 
-class _Budget:
+class Budget:
     """Bytes held at once over all connections, shown in ``stats`` (the node's metrics, say)
     under ``key``: ``http_body_bytes`` for request bodies, ``http_answer_bytes`` for answers
     not yet read by their clients."""
@@ -68,7 +68,7 @@ class _Budget:
 
 
 async def _read_request(reader: asyncio.StreamReader, max_body: int,
-                        budget: _Budget) -> tuple[str, str, bytes]:
+                        budget: Budget) -> tuple[str, str, bytes]:
     import asyncio
 
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
@@ -111,8 +111,8 @@ async def serve(handler: Handler, host: str, port: int, max_body: int = 1 << 20,
     stats = {} if stats is None else stats
     for key in ("http_slow_clients_dropped", "http_answers_refused"):
         stats.setdefault(key, 0)
-    budget = _Budget(BODY_BUDGET, stats, "http_body_bytes")
-    answers = _Budget(ANSWER_BUDGET, stats, "http_answer_bytes")
+    budget = Budget(BODY_BUDGET, stats, "http_body_bytes")
+    answers = Budget(ANSWER_BUDGET, stats, "http_answer_bytes")
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -106,6 +106,10 @@ class NodeType:
     #: when its state is per engine (worker_id) and it holds nothing exclusive: not a file it
     #: writes, a port it binds, or an index it serves. Such types set this to True.
     replicable: ClassVar[bool] = False
+    #: The node answers requests (an HTTP API) for as long as the graph runs. Such a sink with
+    #: no input edges runs until the graph is asked to stop (Ctrl-C), and needs no input:
+    #: a graph of an ``index`` node alone is a standalone indexer.
+    serves: ClassVar[bool] = False
     #: The node prints to the process's standard output: ``kvgraph run --status auto`` then
     #: keeps the live screen off a terminal that the node's output shares.
     writes_terminal: ClassVar[bool] = False

@@ -352,13 +352,31 @@ class PrefixIndex:
 
     def query_hashes(self, tokens_hashes: Iterable[int]) -> list[Score]:
         """Per worker, the number of leading blocks of the request it covers."""
+        out = [Score(*self._workers[b], n) for b, (n, _, _) in self._walk(tokens_hashes).items()
+               if n > 0]
+        out.sort(key=lambda s: (-s.matched_blocks, s.worker_id, s.dp_rank))
+        return out
+
+    def match_details(self, tokens_hashes: Iterable[int]) -> dict[WorkerKey, tuple[int, int]]:
+        """Per worker that matches: (leading blocks covered, the engine hash of the last of
+        them). The hash is where Dynamo continues the match into lower tiers (CPU, disk)."""
+        workers = self._workers
+        return {workers[b]: (n, edge.hashes[k - 1])
+                for b, (n, edge, k) in self._walk(tokens_hashes).items() if n > 0}
+
+    def _walk(self, tokens_hashes: Iterable[int]) -> dict[int, tuple[int, _Edge, int]]:
+        """worker bit -> (blocks matched, the edge its last matched block is on, how many of
+        that edge's blocks it matched)."""
         query = tokens_hashes if isinstance(tokens_hashes, list) else list(tokens_hashes)
-        scores: dict[int, int] = {}
+        scores: dict[int, tuple[int, _Edge, int]] = {}
         edge, active, depth, first = self.root, 0, 0, True
+        child = edge
+        match = 0
         while depth < len(query):
             children = edge.children
             child = children.get(query[depth]) if children else None
             if child is None:
+                child, match = edge, len(edge.keys)
                 break
             keys, cut = child.keys, child.cut
             match = 1
@@ -368,13 +386,15 @@ class PrefixIndex:
             if first:                      # partial holders of the first edge score there
                 active, first = child.full, False
                 for bit, upto in (cut or {}).items():
-                    scores[bit] = min(upto, match)
+                    k = min(upto, match)
+                    scores[bit] = (k, child, k)
             else:                          # workers that stop here score what they cover
                 leaving = active & ~child.full
                 while leaving:
                     low = leaving & -leaving
                     b = low.bit_length() - 1
-                    scores[b] = depth + (min(cut[b], match) if cut and b in cut else 0)
+                    k = min(cut[b], match) if cut and b in cut else 0
+                    scores[b] = (depth + k, child, k) if k else (depth, edge, len(edge.keys))
                     leaving ^= low
                 active &= child.full
             depth += match
@@ -383,11 +403,9 @@ class PrefixIndex:
             edge = child
         while active:
             low = active & -active
-            scores[low.bit_length() - 1] = depth
+            scores[low.bit_length() - 1] = (depth, child, match)
             active ^= low
-        out = [Score(*self._workers[b], s) for b, s in scores.items() if s > 0]
-        out.sort(key=lambda s: (-s.matched_blocks, s.worker_id, s.dp_rank))
-        return out
+        return scores
 
     def workers(self) -> list[dict[str, int]]:
         return [{"worker_id": w[0], "dp_rank": w[1], "blocks": len(m)}

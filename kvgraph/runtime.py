@@ -460,6 +460,9 @@ class Runtime:
             unconfirmed.clear()
             last_flush = loop.time()
 
+        if node.serves and not inbox.channels:   # a server with no input: until stopped
+            assert self._stopping is not None
+            await self._stopping.wait()
         try:
             while True:
                 batch = inbox.get_nowait()

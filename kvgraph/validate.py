@@ -232,7 +232,8 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
     unresolved = set(nodes_doc) - set(types)
     check_structure(known, ports,
                     [e for e in edges if e.src not in unresolved and e.dst not in unresolved],
-                    out.report, names=names)
+                    out.report, names=names,
+                    serving={n for n, t in types.items() if t.serves})
 
     binds: dict[str, tuple[str, str]] = {}
     for node_id in sorted(schema_ok):

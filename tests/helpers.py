@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import os
 import threading
 import subprocess
@@ -212,6 +214,8 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))  # a TOML basic string is a JSON string
@@ -338,3 +342,19 @@ class FaultyLink:
         self._closed = True
         self.listener.close()
         self.cut()
+
+
+def content_chain(rng: "random.Random", contents: list[list[int]], parent: int | None,
+                  most: int) -> tuple[list[int], list[int]] | None:
+    """A chain of 1..``most`` blocks drawn from ``contents``, stored on ``parent`` as an engine
+    stores: each block hash names (parent hash, content), so the same content on the same
+    parent is the same block. None when the draw repeats a hash or reaches the parent (an
+    engine never stores that). Returns (token ids, block hashes)."""
+    picked = [rng.randrange(len(contents)) for _ in range(rng.randint(1, most))]
+    hashes, prev = [], parent or 0
+    for c in picked:
+        prev = (hash((prev, c)) & 0xFFFFFFF) + 1
+        hashes.append(prev)
+    if len(set(hashes)) < len(hashes) or parent in hashes:
+        return None
+    return [t for c in picked for t in contents[c]], hashes

@@ -291,6 +291,24 @@ def decode_router_json(body: bytes) -> Event:
         raise ConversionError(f"not a RouterEvent: {exc}") from None
 
 
+class _DumpEntry(msgspec.Struct):
+    block_size: int
+    events: list[_RouterEvent]
+
+
+_dump_json = msgspec.json.Decoder(dict[str, _DumpEntry])
+
+
+def decode_dump(body: bytes) -> dict[str, tuple[int, list[Event]]]:
+    """The answer of a Dynamo indexer's ``GET /dump`` -> per ``model:routing_group``, its
+    block size and events (lower-tier events keep their tier as ``medium``)."""
+    try:
+        dump = _dump_json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"not an indexer dump: {exc}") from None
+    return {k: (v.block_size, [_from_router(r) for r in v.events]) for k, v in dump.items()}
+
+
 # -- Dynamo 1.6.1 event plane: msgpack envelope around a list of RouterEvents -----------------
 
 _msgpack = msgspec.msgpack.Encoder()

@@ -1,66 +1,96 @@
-"""``index`` sink: the router's prefix index, in the box.
+"""``index`` sink: Dynamo's standalone KV indexer, in the graph or in its place.
 
-Keeps per (worker_id, dp_rank) block maps in a radix tree keyed by Dynamo's tokens_hash, with
-the router's semantics (``kvgraph/prefix_index.py``), and answers "which worker holds the
-longest prefix" over HTTP. It indexes the device tier of the main KV group, which is what a
-score means: events of other tiers (CPU, disk: ``medium``) and of other groups (``group_idx``
-above 0, such as sliding-window layers) are counted in ``not_indexed`` and left out, so a CPU
-copy neither counts as a GPU hit nor removes the GPU block. As Dynamo's relay, a stored event
-whose tokens run out before its blocks keeps the complete blocks (``blocks_without_tokens``).
-Endpoints:
-``POST /query``, ``POST /query_by_hash``, ``GET /workers``, ``GET /dump``.
+The index keeps, per (model_name, routing_group), the router's prefix tree (device tier) and
+the lower tiers (CPU, disk, external), with Dynamo 1.6.1's semantics (``kvgraph/indexer/``),
+and serves Dynamo's indexer HTTP API (``kvgraph/indexer/http_api.py``): a client written for
+``python -m dynamo.indexer`` works unchanged against it.
+
+Events come two ways, and may come both ways at once:
+
+* from the graph's edges (any source, transforms in between): into the partition named by
+  ``model_name`` and ``routing_group``, with ``block_size``;
+* from engines it reads itself: registered with ``POST /register`` while running, or listed in
+  ``workers`` (as ``--workers`` of Dynamo's indexer). A graph holding only an index node
+  serves until it is stopped: that is kvgraph in place of ``python -m dynamo.indexer``.
+
+At start it recovers from the first of ``peers`` that answers ``/dump`` (as Dynamo's
+``--peers``), before it listens.
 
 The same queries without HTTP, on a running graph: ``rt.nodes["index"].query(token_ids)``,
 ``.query_by_hash(tokens_hashes)``, ``.workers()``, ``.dump()``.
-
-    POST /query          {"token_ids": [...], "lora_name": "a", "cache_salt": "t"}   (the last
-                         two optional) -> {"scores": [{"worker_id", "dp_rank",
-                         "matched_blocks"}...], "query_blocks": n, "tree_size": nodes,
-                         "blocks": blocks held}
-    POST /query_by_hash  {"block_hashes": [tokens_hash...]}: the same, for a request whose
-                         Dynamo tokens_hash sequence is already known (the router's keys)
-    GET  /workers        [{"worker_id", "dp_rank", "blocks"}...]
-    GET  /dump           RouterEvents (JSON lines) that rebuild this state in an empty index
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
-
-import msgspec
+from typing import Any, Iterable, Mapping
 
 from ..codecs import dynamo
-from ..event import CLEARED, STORED, Event
-from ..http import HttpError, json_response, serve
-from ..node import Bind, Problem, Sink, integer, string
-from ..prefix_index import IndexError_, PrefixIndex, Score
+from ..event import Event
+from ..indexer.partition import Partition
+from ..indexer.registry import Registry, RegistryError
+from ..node import Bind, CheckContext, Problem, Sink, array, integer, string, table, worker_id
+from ..node import worker_id_value
+from ..prefix_index import IndexError_
 from ..registry import register
+
+_WORKER = table("An engine to read from the start, as Dynamo's `--workers`.", {
+    "instance_id": worker_id("The engine's worker (instance) id."),
+    "endpoint": string("The engine's ZMQ PUB endpoint.", examples=["tcp://127.0.0.1:5557"]),
+    "dp_rank": integer("Its data-parallel rank.", 0, minimum=0),
+    "replay_endpoint": string("The engine's replay (ROUTER) endpoint, to repair gaps."),
+    "model_name": string("Its partition's model; default: the node's `model_name`."),
+    "routing_group": string("Its partition's routing group; default: the node's."),
+    "block_size": integer("Its block size; default: the node's `block_size`.", minimum=1),
+}, required=["instance_id", "endpoint"])
 
 
 @register
 class IndexSink(Sink):
     name = "index"
-    summary = "Prefix index answering longest-prefix queries over HTTP."
+    summary = ("Dynamo's standalone KV indexer: prefix index and its HTTP API (a drop-in for "
+               "`python -m dynamo.indexer`).")
     options = {
         "host": string("HTTP listen address.", "127.0.0.1"),
         "port": integer("HTTP port; 0 picks a free one (logged at start).", 8090, minimum=0,
                         maximum=65535),
-        "block_size": integer("Tokens per block for query token ids.", 16, minimum=1),
-        "max_blocks": integer("Most blocks held over all workers before stores are refused "
-                              "(bounds memory).", 50_000_000, minimum=1),
-        "max_body_bytes": integer("Largest HTTP request body accepted.", 8 * 1024 * 1024,
-                                  minimum=1024),
+        "block_size": integer("Tokens per block of the node's own partition (events from the "
+                              "graph, `workers`).", 16, minimum=1),
+        "model_name": string("Model of the partition events from the graph go to (Dynamo's "
+                             "`--model-name`).", "default"),
+        "routing_group": string("Routing group of that partition (`--routing-group`).",
+                                "default"),
+        "workers": array("Engines to read from the start (`--workers`); more come with "
+                         "`POST /register`.", _WORKER, []),
+        "peers": array("Other indexers' URLs (`--peers`): recover from the first that answers "
+                       "`GET /dump` at start, before listening.", {"type": "string"}, []),
+        "max_blocks": integer("Most blocks held over all workers of a partition before stores "
+                              "are refused (bounds memory).", 50_000_000, minimum=1),
+        "max_body_bytes": integer("Largest HTTP request body accepted (Dynamo: 8 MiB, one "
+                                  "million tokens as JSON).", 8 * 1024 * 1024, minimum=1024),
         "max_query_tokens": integer("Most token ids (or hashes times block_size) in one "
                                     "query; more is refused with 413 (a 1M-token query held the "
-                                    "relay for 165 ms).", 262_144, minimum=1),
+                                    "relay for 165 ms).", 1_048_576, minimum=1),
     }
     example = "port = 8090\nblock_size = 16"
+    serves = True
 
     @classmethod
     def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
         port = options.get("port", 8090)
         if port:
             yield Bind("port", f"http://{options.get('host', '127.0.0.1')}:{port}")
+
+    @classmethod
+    def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
+        from ..indexer.registry import check_endpoint
+
+        for i, w in enumerate(options.get("workers", [])):
+            for key in ("endpoint", "replay_endpoint"):
+                try:
+                    if key in w:
+                        check_endpoint(w[key])
+                except RegistryError as exc:
+                    yield Problem(f"workers.{i}.{key}", str(exc))
 
     @classmethod
     async def probe(cls, config: Mapping[str, Any]) -> list[Problem]:
@@ -74,131 +104,199 @@ class IndexSink(Sink):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        from aiohttp import web
+
+        from ..indexer.http_api import Stats, build_app
+
         c = self.config
-        self.index = PrefixIndex(c["max_blocks"])
         for name in ("unknown_removes", "rejected_stores", "not_indexed", "blocks_without_tokens"):
             self.metrics.extra.setdefault(name, 0)
-        self._server = await serve(self._handle, c["host"], c["port"], c["max_body_bytes"],
-                                   self.metrics.extra)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.registry = Registry(c["max_blocks"], self.metrics.extra, self.log, self._listened,
+                                 self.id)
+        self.http_stats = Stats()
+        self.own = None if self.ctx.inbox is not None and not self.ctx.inbox.channels \
+            else self.registry.partition(c["model_name"], c["routing_group"], c["block_size"])
+        for peer in c["peers"]:
+            self.registry.add_peer(peer)
+        if c["peers"]:
+            await self._recover(c["peers"])
+        self._runner = web.AppRunner(build_app(self, c["max_body_bytes"]), access_log=None,
+                                     handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, c["host"], c["port"], reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.port = self._runner.addresses[0][1]
+        for w in c["workers"]:
+            self.registry.register(worker_id_value(w["instance_id"]), w["endpoint"],
+                                   w.get("model_name", c["model_name"]),
+                                   w.get("block_size", c["block_size"]),
+                                   w.get("routing_group", c["routing_group"]),
+                                   w.get("dp_rank", 0), w.get("replay_endpoint"))
         self.log.info("index queries on http://%s:%d", c["host"], self.port)
 
     async def stop(self) -> None:
-        server = getattr(self, "_server", None)
-        if server is not None:
-            server.close()
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            await registry.close()
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _recover(self, peers: list[str]) -> None:
+        """As Dynamo's ``--peers``: the first peer whose ``/dump`` loads is the state."""
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for url in peers:
+                try:
+                    async with session.get(url.rstrip("/") + "/dump") as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"status {resp.status}")
+                        body = await resp.read()
+                    dump = dynamo.decode_dump(body)
+                except Exception as exc:  # the next peer, as Dynamo does
+                    self.log.warning("recovery from %s failed: %s; trying the next peer", url, exc)
+                    continue
+                n = 0
+                for key, (block_size, events) in dump.items():
+                    model, _, group = key.partition(":")
+                    part = self.registry.partition(model, group, block_size)
+                    for e in events:
+                        self._apply(part, e)
+                        n += 1
+                self.log.info("recovered %d events from %s", n, url)
+                return
+        self.log.warning("no peer answered /dump: starting empty")
+
+    # -- events -------------------------------------------------------------------------------
 
     async def write(self, batch: list[Any]) -> None:
-        idx, bs = self.index, self.config["block_size"]
+        part = self.own
+        if part is None:
+            part = self.own = self.registry.partition(self.config["model_name"],
+                                                      self.config["routing_group"],
+                                                      self.config["block_size"])
+        bad = self._feed(part, batch)
+        await self.ctx.reject(bad)
+
+    def _listened(self, part: Partition, batch: list[Any]) -> None:
+        """A batch from an engine the index reads itself: counted here (the runtime counts
+        only what edges bring), applied, and its bad events said (rate-limited)."""
+        bad = self._feed(part, batch)
+        self.metrics.events_in += len(batch)
+        self.metrics.events_out += len(batch) - len(bad)
+        self.metrics.errors += len(bad)
+        if bad:
+            self.log.problem("listened", "%s: %d event(s) refused, the first: %s", part.key,
+                             len(bad), bad[0].reason)
+
+    def _feed(self, part: Partition, batch: list[Any]) -> list[Any]:
         bad = []
         for e in batch:
             if not isinstance(e, Event):
                 bad.append(self.ctx.rejected("not an event"))
                 continue
-            if e.kind != CLEARED and (e.group_idx or (e.medium is not None and
-                                                      dynamo.storage_tier(e.medium) != "device")):
-                self.metrics.extra["not_indexed"] += 1   # another tier, or a non-main group
-                continue
-            w = (e.worker_id, e.dp_rank)
-            try:
-                if e.kind == STORED:
-                    hashes = dynamo.block_hashes_for(e, bs)
-                    if len(hashes) < len(e.block_hashes):   # as Dynamo: tokens ran out
-                        self.metrics.extra["blocks_without_tokens"] += \
-                            len(e.block_hashes) - len(hashes)
-                    idx.store(w, e.parent_hash, e.block_hashes[:len(hashes)], hashes)
-                elif e.kind == CLEARED:
-                    idx.clear(w)
-                else:
-                    self.metrics.extra["unknown_removes"] += idx.remove(w, e.block_hashes)
-            except (IndexError_, dynamo.ConversionError) as exc:
-                self.metrics.extra["rejected_stores"] += 1
-                bad.append(self.ctx.rejected(str(exc), e))
-        self.metrics.extra["blocks"] = idx.blocks
-        self.metrics.extra["tree_nodes"] = idx.nodes
-        await self.ctx.reject(bad)
+            why = self._apply(part, e)
+            if why:
+                bad.append(self.ctx.rejected(why, e))
+        self.metrics.extra["blocks"] = sum(p.blocks for p in self.registry.partitions.values())
+        self.metrics.extra["tree_nodes"] = sum(p.device.nodes
+                                               for p in self.registry.partitions.values())
+        return bad
+
+    def _apply(self, part: Partition, e: Event) -> str:
+        try:
+            part.apply(e)
+        except (IndexError_, dynamo.ConversionError) as exc:
+            self.metrics.extra["rejected_stores"] += 1
+            return str(exc)
+        return ""
 
     # -- queries (Python API; the HTTP API calls these) -----------------------------------------
 
-    def query(self, token_ids: list[int], lora_name: str | None = None,
-              cache_salt: str | None = None) -> dict[str, Any]:
-        hashes = dynamo.tokens_hash(token_ids, self.config["block_size"], lora_name, cache_salt)
-        return self._answer(self.index.query_hashes(hashes), len(hashes))
+    @property
+    def index(self) -> Any:
+        """The device tree of the node's own partition (``model_name``, ``routing_group``)."""
+        return self.partition_for(None, None).device
 
-    def query_by_hash(self, tokens_hashes: list[int]) -> dict[str, Any]:
-        return self._answer(self.index.query_hashes(tokens_hashes), len(tokens_hashes))
-
-    def _answer(self, scores: list[Score], n: int) -> dict[str, Any]:
-        return {"scores": [s.__dict__ for s in scores], "query_blocks": n,
-                "tree_size": self.index.nodes, "blocks": self.index.blocks}
-
-    def workers(self) -> list[dict[str, int]]:
-        return self.index.workers()
-
-    def dump(self) -> list[Any]:
-        """RouterEvents (Dynamo 1.6.1 JSON shape) that rebuild this index's state."""
-        ids = dynamo.EventIds()
-        out = []
-        for (wid, rank), kind, data in self.index.dump():
-            e = Event(kind=kind, worker_id=wid, dp_rank=rank, block_hashes=data["block_hashes"],
-                      parent_hash=data.get("parent_hash"),
-                      tokens_hashes=data.get("tokens_hashes"))
-            out.append(dynamo.router_event(e, ids.next(wid, rank), self.config["block_size"]))
-        return out
-
-    async def _handle(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
-        routes = {("POST", "/query"): self._http_query, ("POST", "/query_by_hash"):
-                  self._http_query_by_hash, ("GET", "/workers"): lambda _: self.workers()}
-        if (method, path) == ("GET", "/dump"):
-            lines = b"".join(dynamo.encode_json(r) + b"\n" for r in self.dump())
-            return 200, "application/x-ndjson", lines
-        handler = routes.get((method, path))
-        if handler is None:
-            if any(p == path for _, p in routes) or path == "/dump":
-                raise HttpError(405, f"{method} is not allowed on {path}")
-            raise HttpError(404, "endpoints: POST /query, POST /query_by_hash, GET /workers, "
-                                 "GET /dump")
-        return json_response(handler(body))
-
-    @staticmethod
-    def _json_body(body: bytes) -> dict[str, Any]:
-        try:   # msgspec: 3x faster than json on a big token list (35 ms for 1M ids)
-            data = msgspec.json.decode(body)
-        except (ValueError, RecursionError) as exc:
-            raise HttpError(400, f"body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise HttpError(422, "body must be a JSON object")
-        return data
-
-    @staticmethod
-    def _int_list(data: dict[str, Any], key: str, limit: int,
-                  bounded: Callable[[int], None]) -> list[int]:
-        """The list under ``key``, its length bounded (by ``bounded``, which raises) before
-        its items are checked."""
-        v = data.get(key)
-        if isinstance(v, list):
-            bounded(len(v))
-        if not isinstance(v, list) or not all(type(x) is int and 0 <= x <= limit for x in v):
-            raise HttpError(422, f"{key!r} must be a list of integers in 0..{limit}")
-        return v
-
-    def _bounded(self, n: int, what: str) -> None:
+    def bounded(self, tokens: int) -> None:
         limit = self.config["max_query_tokens"]
-        if n > limit:
-            raise HttpError(413, f"{what} over the limit of {limit} tokens per query "
-                                 "(max_query_tokens)")
+        if tokens > limit:
+            raise RegistryError(413, f"{tokens} tokens are over the limit of {limit} per query "
+                                     "(max_query_tokens)")
 
-    def _http_query(self, body: bytes) -> dict[str, Any]:
-        data = self._json_body(body)
-        tokens = self._int_list(data, "token_ids", 0xFFFFFFFF,
-                                lambda n: self._bounded(n, f"{n} token ids are"))
-        for key in ("lora_name", "cache_salt"):
-            if data.get(key) is not None and not isinstance(data[key], str):
-                raise HttpError(422, f"{key!r} must be a string")
-        return self.query(tokens, data.get("lora_name"), data.get("cache_salt"))
+    def partition_for(self, model_name: str | None, routing_group: str | None) -> Partition:
+        c = self.config
+        model, group = model_name or c["model_name"], routing_group or c["routing_group"]
+        p = self.registry.partitions.get((model, group))
+        if p is None and (model, group) == (c["model_name"], c["routing_group"]):
+            p = self.own = self.registry.partition(model, group, c["block_size"])
+        return p if p is not None else self.registry.find(model, group)
 
-    def _http_query_by_hash(self, body: bytes) -> dict[str, Any]:
-        data = self._json_body(body)
-        hashes = self._int_list(data, "block_hashes", (1 << 64) - 1, lambda n: self._bounded(
-            n * self.config["block_size"], f"{n} blocks are"))
-        return self.query_by_hash(hashes)
+    def query(self, token_ids: list[int], lora_name: str | None = None,
+              cache_salt: str | None = None, model_name: str | None = None,
+              routing_group: str | None = None) -> dict[str, Any]:
+        """kvgraph's answer: workers by matched blocks, best first."""
+        p = self.partition_for(model_name, routing_group)
+        return self.own_answer(p, p.tokens_hashes(token_ids, lora_name, cache_salt))
+
+    def query_by_hash(self, tokens_hashes: list[int], model_name: str | None = None,
+                      routing_group: str | None = None) -> dict[str, Any]:
+        return self.own_answer(self.partition_for(model_name, routing_group), tokens_hashes)
+
+    def dynamo_query(self, token_ids: list[int], model_name: str | None = None,
+                     routing_group: str | None = None, lora_name: str | None = None,
+                     cache_salt: str | None = None) -> dict[str, Any]:
+        """Dynamo's answer (``POST /query``)."""
+        p = self.partition_for(model_name, routing_group)
+        return p.answer(p.tokens_hashes(token_ids, lora_name, cache_salt))
+
+    @staticmethod
+    def own_answer(p: Partition, hashes: list[int]) -> dict[str, Any]:
+        return {"scores": [s.__dict__ for s in p.device.query_hashes(hashes)],
+                "query_blocks": len(hashes), "tree_size": p.device.nodes,
+                "blocks": p.device.blocks}
+
+    def workers(self, model_name: str | None = None, routing_group: str | None = None
+                ) -> list[dict[str, int]]:
+        """Blocks held per (worker_id, dp_rank) on the device tier."""
+        return self.partition_for(model_name, routing_group).device.workers()
+
+    def dump(self) -> dict[str, Any]:
+        """What ``GET /dump`` sends, as Python objects."""
+        return {p.key: {"block_size": p.block_size,
+                        "events": msgspec_list(p.dump())}
+                for p in self.registry.partitions.values()}
+
+    def prometheus(self) -> str:
+        from ..indexer.http_api import prometheus_http
+
+        reg = self.registry
+        counts = reg.listener_counts()
+        lines = ["# HELP dynamo_kvindexer_listeners Number of ZMQ listeners by status",
+                 "# TYPE dynamo_kvindexer_listeners gauge"]
+        lines += [f'dynamo_kvindexer_listeners{{status="{s}"}} {counts.get(s, 0)}'
+                  for s in ("active", "failed", "paused", "pending")]
+        lines += ["# HELP dynamo_kvindexer_models Number of active model+routing-group indexers",
+                  "# TYPE dynamo_kvindexer_models gauge",
+                  f"dynamo_kvindexer_models {len(reg.partitions)}"]
+        lines += prometheus_http(self.http_stats)
+        lines += ["# HELP dynamo_kvindexer_workers Number of registered worker instances",
+                  "# TYPE dynamo_kvindexer_workers gauge",
+                  f"dynamo_kvindexer_workers {len({r[0] for r in reg.registrations})}"]
+        for name in ("blocks", "not_indexed", "unknown_removes", "rejected_stores",
+                     "blocks_without_tokens"):
+            lines.append(f"# TYPE kvgraph_index_{name} untyped")
+            lines.append(f"kvgraph_index_{name} {self.metrics.extra.get(name, 0)}")
+        return "\n".join(lines) + "\n"
+
+
+def msgspec_list(events: Iterable[Any]) -> list[Any]:
+    import msgspec
+
+    return [msgspec.to_builtins(e) for e in events]
