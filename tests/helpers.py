@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import random
-
 import os
+import random
 import threading
 import subprocess
 import sys

@@ -131,8 +131,12 @@ class Registry:
             lambda batch: self._on_batch(part, batch))})
         src = f"{self.owner}/engine-{reg.instance_id}-{reg.dp_rank}"
         dst = f"{self.owner}/feed"
+        # A short edge: decoded events (token ids and all) take 3-10 times their wire bytes,
+        # so while the index is behind, the engine's backlog waits as wire bytes, in the
+        # source's read-ahead (a 1M-block load grew RSS by 550 MiB more with the default edge).
         graph = Graph(name=src, nodes={src: Node(src, zmq, options), dst: Node(dst, feed, {})},
-                      edges=[Edge(src, "out", dst)])
+                      edges=[Edge(src, "out", dst, capacity=2, capacity_events=4096,
+                                  capacity_bytes=16 * 1024 * 1024)])
         rt = reg.runtime = Runtime(graph, {})
         try:
             await rt.start()

@@ -148,6 +148,13 @@ class Readable:
             self._waiter = None
             timer.cancel()
 
+    def wake(self) -> None:
+        """End a :meth:`wait` now (the graph is stopping)."""
+        from ..channel import resolve
+
+        if self._waiter is not None:
+            resolve(self._waiter)
+
     def close(self) -> None:
         self._unregister()
 

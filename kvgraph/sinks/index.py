@@ -22,6 +22,7 @@ The same queries without HTTP, on a running graph: ``rt.nodes["index"].query(tok
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Iterable, Mapping
 
 from ..codecs import dynamo
@@ -137,8 +138,33 @@ class IndexSink(Sink):
                                    w.get("routing_group", c["routing_group"]),
                                    w.get("dp_rank", 0), w.get("replay_endpoint"))
         self.log.info("index queries on http://%s:%d", c["host"], self.port)
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim_after_bursts(),
+                                                               name=f"kvgraph:{self.id}:trim")
+
+    async def _trim_after_bursts(self) -> None:
+        """Give the memory an ingestion burst used back to the system once it is over.
+
+        A burst (engines replaying, a peer's dump, a fleet starting) decodes megabytes of
+        token ids that are freed right after hashing, but glibc keeps the freed heap: a 1M-block
+        load left 616 MiB of RSS per million blocks, of which the index itself is about 106.
+        ``malloc_trim`` after each burst returns it. Off where there is no glibc."""
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        seen = 0
+        while True:
+            await asyncio.sleep(TRIM_CHECK_S)
+            now = self.metrics.events_in
+            if now != seen and now == getattr(self, "_last_seen", -1):   # quiet again
+                trim(0)
+                seen = now
+            self._last_seen = now
 
     async def stop(self) -> None:
+        trimmer = getattr(self, "_trimmer", None)
+        if trimmer is not None:
+            trimmer.cancel()
+            await asyncio.gather(trimmer, return_exceptions=True)
         registry = getattr(self, "registry", None)
         if registry is not None:
             await registry.close()
@@ -294,6 +320,20 @@ class IndexSink(Sink):
             lines.append(f"# TYPE kvgraph_index_{name} untyped")
             lines.append(f"kvgraph_index_{name} {self.metrics.extra.get(name, 0)}")
         return "\n".join(lines) + "\n"
+
+
+TRIM_CHECK_S = 2.0
+
+
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def msgspec_list(events: Iterable[Any]) -> list[Any]:
