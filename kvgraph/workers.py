@@ -74,6 +74,7 @@ def supervise(args: argparse.Namespace, plan: list[list[str]],
                "--log-level", args.log_level]
         if args.strict:
             cmd.append("--strict")
+        cmd += ["--loop", args.loop]
         if args.metrics_port is not None:
             port = args.metrics_port + i if args.metrics_port else 0
             cmd += ["--metrics-port", str(port), "--metrics-host", args.metrics_host]

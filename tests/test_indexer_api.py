@@ -20,7 +20,8 @@ from kvgraph.codecs.vllm import encode_payload
 from kvgraph.event import Event
 from kvgraph.testing import free_port
 
-from .helpers import TestEngine, content_chain
+from .helpers import GraphFile, TestEngine, content_chain
+from .indexer_client import IndexerClient
 from .indexer_servers import Server, start
 
 BS = 4
@@ -353,7 +354,8 @@ def test_workers_option_reads_engines_from_the_start(tmp_path) -> None:
             eng.wait_subscribed()
             eng.wait_subscribed()
             eng.publish(encode_payload([stored(0, marker(1), [1])], time.time()))
-            answer = s.client.wait_answer(marker(1), "m", 0xfedcba9876543210)
+            s.client.wait_answer(marker(1), "m", 0xfedcba9876543210)
+            answer = s.client.wait_answer(marker(1), "m", 5)   # each listener in its own time
             assert answer["scores"] == {str(0xfedcba9876543210): {"0": BS}, "5": {"0": BS}}
             status, listed = s.client.workers(model_name="m")
             assert status == 200 and {w["instance_id"] for w in listed} == {
@@ -396,3 +398,102 @@ def test_what_clients_can_make_the_server_hold_is_bounded(kv) -> None:
         slow.close()
     finally:
         engines.close()
+
+
+def raw_http(port: int, request: bytes, then: bytes = b"", read_first: bool = False
+             ) -> bytes:
+    """One request on a fresh socket, as bytes; with ``read_first``, the server's interim
+    answer is read before ``then`` (the body) is sent."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        first = s.recv(65536) if read_first else b""
+        s.sendall(then)
+        out = b""   # the requests say Connection: close
+        while chunk := s.recv(65536):
+            out += chunk
+    return first + out
+
+
+def test_keep_alive_head_and_expect_100_continue(kv) -> None:
+    body = b'{"token_ids": [1, 2, 3, 4], "model_name": "nothing"}'
+    head = (b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n" % len(body))
+    answer = raw_http(kv.port, head, body, read_first=True)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404"), answer[:200]
+    assert raw_http(kv.port, b"HEAD /workers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    ).startswith(b"HTTP/1.1 200")
+    c = kv.client   # one connection, many requests: keep-alive
+    for _ in range(3):
+        assert c.health() == 200
+    sock = c.conn.sock
+    assert c.workers()[0] == 200 and c.conn.sock is sock
+
+
+def test_a_body_that_does_not_arrive_is_a_408_and_is_not_held(monkeypatch) -> None:
+    import asyncio
+    import socket
+
+    from kvgraph.indexer import http_api
+    from kvgraph.testing import run_text
+
+    monkeypatch.setattr(http_api, "READ_TIMEOUT_S", 0.5)
+    graph = GraphFile("indexer").node("index", "index", port=0).text()
+
+    async def go():
+        async with run_text(graph) as rt:
+            port = rt.nodes["index"].port
+            extra = rt.contexts["index"].metrics.extra
+
+            def slow() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                              b"application/json\r\nContent-Length: 5000\r\n\r\n{")
+                    return s.recv(65536)
+
+            answer = await asyncio.to_thread(slow)
+            return answer, extra["http_body_bytes"]
+
+    answer, held = asyncio.run(go())
+    assert answer.startswith(b"HTTP/1.1 408") and held == 0
+
+
+def test_a_dump_taken_while_events_arrive_rebuilds_a_valid_index() -> None:
+    """/dump reads the tree as it writes: events applied meanwhile may or may not be in it, but
+    every event it gives applies cleanly (parents first) in an empty index."""
+    import asyncio
+
+    import msgspec
+
+    from kvgraph.codecs.dynamo import decode_dump
+    from kvgraph.indexer import http_api
+    from kvgraph.indexer.partition import Partition
+    from kvgraph.testing import FEEDS, run_text
+
+    rng = random.Random(5)
+    streams = [random_stream(rng, w, 400) for w in range(1, 4)]
+    FEEDS["dump-live"] = [s[i:i + 5] for s in streams for i in range(0, len(s), 5)]
+    graph = (GraphFile("indexer").node("src", "feed", feed="dump-live")
+             .node("index", "index", port=0, block_size=BS).edge("src", "index").text())
+
+    async def go():
+        old = http_api.DUMP_CHUNK_BYTES
+        http_api.DUMP_CHUNK_BYTES = 256   # many chunks: the feed runs between them
+        try:
+            async with run_text(graph) as rt:
+                c = IndexerClient(f"http://127.0.0.1:{rt.nodes['index'].port}")
+                dumps = []
+                for _ in range(5):
+                    dumps.append(await asyncio.to_thread(c.call, "GET", "/dump"))
+                c.close()
+                return dumps
+        finally:
+            http_api.DUMP_CHUNK_BYTES = old
+
+    for status, body in asyncio.run(go()):
+        assert status == 200
+        for key, (bs, events) in decode_dump(msgspec.json.encode(body)).items():
+            p = Partition(*key.split(":"), bs)
+            for e in events:
+                p.apply(e)   # raises on a parent it has not seen
