@@ -200,7 +200,8 @@ def relay_cmd(relay: str, tmp: Path, ports: list[int], url: str, fmt: str, trans
     graph.write_text("".join(text))
     return [sys.executable, "-m", "kvgraph", "run", str(graph), "--status", "off",
             "--log-level", "warning", "--report", str(tmp / "report.json"),
-            *(["--workers", str(workers)] if workers > 1 else [])], SUBJECT
+            *(["--workers", str(workers)] if workers > 1 else []),
+            "--loop", os.environ.get("BENCH_KVGRAPH_LOOP", "auto")], SUBJECT
 
 
 def run_once(relay: str, per: int, blocks: int, total_events: int, fmt: str = "dynamo-msgpack",
@@ -479,10 +480,13 @@ def main() -> None:
     ap.add_argument("--profile", metavar="FILE", default="",
                     help="with --only: sample the relay with py-spy into FILE (folded stacks; "
                          "summarise with benchmarks/profile_summary.py FILE)")
+    ap.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                    help="kvgraph's event loop (kvgraph run --loop)")
     ap.add_argument("--no-pin", action="store_true",
                     help="let the relay share both cores with nats-server and the benchmark "
                          "instead of having core 1 to itself")
     args = ap.parse_args()
+    os.environ["BENCH_KVGRAPH_LOOP"] = args.loop   # read by relay_cmd
     global PIN
     PIN = PIN and not args.no_pin
     if not args.only:
