@@ -265,8 +265,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
         except OSError as exc:
             where = f"--metrics-port {args.metrics_port} on {args.metrics_host}"
             raise listen_error(where, exc) or UsageError(f"{where}: {exc}") from None
-        port = server.sockets[0].getsockname()[1]
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, server.port)
     _tune_gc()  # before start: its full collection must not delay the first events
     loop = asyncio.get_running_loop()
     signals = 0
@@ -328,7 +327,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
             orphan_watch.cancel()
         await status.stop()
         if server is not None:
-            server.close()
+            await server.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     print(prefix + totals(rt, result), file=sys.stderr)

@@ -119,14 +119,18 @@ def totals(rt: "Runtime", result: "RunResult") -> str:
 
 
 async def serve_metrics(rt: "Runtime", host: str, port: int) -> Any:
-    """``GET /metrics`` in Prometheus text format."""
-    from .http import HttpError, serve
+    """``GET /metrics`` (and ``/``) in Prometheus text format; ``.port``, ``await .close()``."""
+    from aiohttp import web
 
-    def handle(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
-        if path not in ("/metrics", "/"):
-            raise HttpError(404, "try /metrics")
+    from .webserver import application, serve
+
+    async def handle(request: web.Request) -> web.Response:
         text = prometheus([c.metrics for c in rt.contexts.values()], rt.channels,
                           time.monotonic() - rt.started_at)
-        return 200, "text/plain; version=0.0.4", text.encode()
+        return web.Response(body=text.encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4"})
 
-    return await serve(handle, host, port)
+    app = application()
+    app.router.add_get("/metrics", handle)
+    app.router.add_get("/", handle)
+    return await serve(app, host, port)

@@ -288,10 +288,9 @@ def test_prometheus_endpoint() -> None:
                                   '[[edges]]\nfrom = "src"\nto = "out"\n')) as rt:
             await wait_for(lambda: len(capture("out")) == 100)
             server = await serve_metrics(rt, "127.0.0.1", 0)
-            port = server.sockets[0].getsockname()[1]
             body = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
-            server.close()
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read())
+            await server.close()
         return body.decode()
 
     text = asyncio.run(go())

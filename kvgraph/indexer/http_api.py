@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
 import msgspec
 from aiohttp import web
 
-from ..http import Budget
+from ..webserver import application
 from .registry import RegistryError
 
 if TYPE_CHECKING:
@@ -114,6 +114,22 @@ WRITE_TIMEOUT_S = 10.0
 #: is read (100 clients sending 8 MB bodies slowly would otherwise hold 800 MB).
 BODY_BUDGET = 64 * 1024 * 1024
 DUMP_CHUNK_BYTES = 64 * 1024
+
+
+class Budget:
+    """Bytes held at once over all connections, shown in ``stats`` (the node's metrics)
+    under ``key`` (``http_body_bytes``: request bodies being read)."""
+
+    def __init__(self, total: int, stats: dict[str, Any], key: str):
+        self.left, self.total, self.stats, self.key = total, total, stats, key
+        stats.setdefault(key, 0)
+
+    def take(self, n: int) -> None:
+        self.left -= n
+        self.stats[self.key] = self.total - self.left
+
+    def give(self, n: int) -> None:
+        self.take(-n)
 
 
 BUDGET = web.AppKey("budget", Budget)
@@ -325,8 +341,7 @@ def build_app(node: "IndexSink", max_body_bytes: int) -> web.Application:
     async def own_workers(request: web.Request) -> web.Response:
         return _json(node.workers())
 
-    app = web.Application(middlewares=[measured], client_max_size=max_body_bytes,
-                          handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app = application(max_body_bytes, middlewares=[measured])
     app[BUDGET] = Budget(BODY_BUDGET, node.metrics.extra, "http_body_bytes")
     app[MAX_BODY] = max_body_bytes
     node.metrics.extra.setdefault("http_slow_clients_dropped", 0)

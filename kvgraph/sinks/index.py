@@ -105,9 +105,8 @@ class IndexSink(Sink):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from aiohttp import web
-
         from ..indexer.http_api import Stats, build_app
+        from ..webserver import serve
 
         c = self.config
         for name in ("unknown_removes", "rejected_stores", "not_indexed", "blocks_without_tokens"):
@@ -121,16 +120,8 @@ class IndexSink(Sink):
             self.registry.add_peer(peer)
         if c["peers"]:
             await self._recover(c["peers"])
-        self._runner = web.AppRunner(build_app(self, c["max_body_bytes"]), access_log=None,
-                                     handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, c["host"], c["port"], reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            raise
-        self.port = self._runner.addresses[0][1]
+        self._server = await serve(build_app(self, c["max_body_bytes"]), c["host"], c["port"])
+        self.port = self._server.port
         for w in c["workers"]:
             self.registry.register(worker_id_value(w["instance_id"]), w["endpoint"],
                                    w.get("model_name", c["model_name"]),
@@ -168,9 +159,9 @@ class IndexSink(Sink):
         registry = getattr(self, "registry", None)
         if registry is not None:
             await registry.close()
-        runner = getattr(self, "_runner", None)
-        if runner is not None:
-            await runner.cleanup()
+        server = getattr(self, "_server", None)
+        if server is not None:
+            await server.close()
 
     async def _recover(self, peers: list[str]) -> None:
         """As Dynamo's ``--peers``: the first peer whose ``/dump`` loads is the state."""
