@@ -38,6 +38,7 @@ from .event import Event, Rejected, batch_bytes
 from .graph import Graph, Node
 from .metrics import NodeMetrics
 from .node import DEFAULT_PORT, ERRORS_PORT, Kind, NodeType, Sink, Source, Transform
+from .tasks import TaskOwner, Timer
 
 log = logging.getLogger("kvgraph")
 
@@ -78,6 +79,11 @@ class RateLimitedLog:
         self.logger.error(f"[{self.node_id}] {message}", *args)
 
 
+def _unowned_error(name: str, exc: BaseException) -> None:
+    """A context outside a runtime (a test building one by hand): say it, never lose it."""
+    log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+
+
 class NodeContext:
     """What a running node gets from the runtime."""
 
@@ -92,9 +98,22 @@ class NodeContext:
         self.metrics = NodeMetrics(node.id, node.type.name, node.kind.value)
         self.log = RateLimitedLog(node.id)
         self.inbox: Inbox | None = None
+        #: The node's helper tasks and timers (set by the runtime: errors follow on_error).
+        self.tasks = TaskOwner(f"kvgraph:{node.id}", _unowned_error)
         self.runtime_node: Any = None
         self.current_acks: tuple[Ack, ...] = ()   # of the batch a transform is processing
         self.held_acks: list[Ack] = []            # inputs a holding transform has not passed on
+
+    def spawn(self, coro: Any, name: str = "") -> "asyncio.Task[Any]":
+        """Start a helper task the runtime owns: an exception in it is reported and follows
+        the node's ``on_error`` (``skip``: logged and counted in ``errors``; ``fail``: the
+        graph stops); it is cancelled when the node stops."""
+        return self.tasks.spawn(coro, name)
+
+    def call_later(self, delay: float, fn: Any, name: str = "timer") -> Timer:
+        """Run the coroutine function ``fn`` as an owned helper task after ``delay`` s;
+        ``.cancel()`` the returned timer to drop it."""
+        return self.tasks.call_later(delay, fn, name)
 
     def path(self, value: str) -> Path:
         """A path option, relative to the graph file's directory."""
@@ -222,6 +241,7 @@ class Runtime:
         self.contexts: dict[str, NodeContext] = {}
         self.channels: list[Channel] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.owner = TaskOwner("kvgraph", self._node_task_failed)   # the node tasks
         self.failures: dict[str, str] = {}
         self.lost_events = 0
         self.aborted = False
@@ -249,6 +269,7 @@ class Runtime:
             inputs[e.dst].append(ch)
         for nid, node in self.graph.nodes.items():
             ctx = NodeContext(node, configs[nid], self.base_dir, outlets[nid], self._stopping)
+            ctx.tasks.on_error = lambda name, exc, nid=nid: self._helper_failed(nid, name, exc)
             if node.kind is not Kind.SOURCE:
                 ctx.inbox = Inbox(inputs[nid])
             self.contexts[nid] = ctx
@@ -286,7 +307,7 @@ class Runtime:
                 coro = self._run_transform(node)
             else:
                 coro = self._run_sink(node)  # type: ignore[arg-type]
-            self.tasks[nid] = asyncio.create_task(coro, name=f"kvgraph:{nid}")
+            self.tasks[nid] = self.owner.spawn(coro, nid)
 
     def request_stop(self) -> None:
         """Stop the sources; everything already produced drains and is delivered."""
@@ -307,14 +328,16 @@ class Runtime:
         self.request_stop()
         for t in self.tasks.values():
             t.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.owner.join()
+        for ctx in self.contexts.values():
+            await ctx.tasks.close()
         self.lost_events += sum(ch.clear() for ch in self.channels)
         return self.lost_events
 
     async def wait(self) -> RunResult:
         """Wait until every node has finished; stop the nodes; report."""
         try:
-            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self.owner.join()   # a node task's exception went to _node_task_failed
         finally:
             await self._stop_nodes()
         return self.result()
@@ -334,6 +357,7 @@ class Runtime:
                 await self.nodes[nid].stop()
             except Exception as exc:  # stopping must reach every node
                 log.warning("[%s] error while stopping: %s", nid, exc)
+            await self.contexts[nid].tasks.close()   # helpers the node left running
         self._started.clear()
 
     async def __aenter__(self) -> "Runtime":
@@ -361,6 +385,21 @@ class Runtime:
         if setting:
             return setting
         return "fail" if isinstance(exc, NodeFailure) else "skip"
+
+    def _node_task_failed(self, name: str, exc: BaseException) -> None:
+        """A node task ended by an exception its loop did not handle (a kvgraph bug)."""
+        nid = name.split(":", 1)[1] if ":" in name else name
+        self._fail(nid, exc)
+
+    def _helper_failed(self, nid: str, name: str, exc: BaseException) -> None:
+        """A node's helper task raised: the node's on_error decides, as for a batch."""
+        if self._on_error(nid, exc) == "fail":
+            self._fail(nid, exc)
+            return
+        ctx = self.contexts[nid]
+        ctx.metrics.errors += 1
+        ctx.log.problem("helper", "helper task %s failed: %s: %s (on_error = skip: going on)",
+                        name.rsplit(":", 1)[-1], type(exc).__name__, exc)
 
     def _fail(self, nid: str, exc: BaseException) -> None:
         self.failures[nid] = f"{type(exc).__name__}: {exc}"

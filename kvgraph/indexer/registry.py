@@ -63,14 +63,15 @@ class _Feed(Sink):
 
 class Registry:
     def __init__(self, max_blocks: int, stats: dict[str, Any], log: Any,
-                 on_batch: Callable[[Partition, list[Any]], None], owner: str = "index"):
+                 on_batch: Callable[[Partition, list[Any]], None], owner: str = "index",
+                 spawn: Callable[..., "asyncio.Task[Any]"] | None = None):
         self.partitions: dict[tuple[str, str], Partition] = {}
         self.registrations: dict[tuple[int, int], Registration] = {}
         self.peers: list[str] = []
         self.max_blocks, self.stats, self.log = max_blocks, stats, log
         self._on_batch = on_batch
         self.owner = owner   # the index node's id: its listeners' nodes are named after it
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._spawn = spawn  # the index node's ctx.spawn: the node owns the listener tasks
 
     # -- partitions ---------------------------------------------------------------------------
 
@@ -108,10 +109,10 @@ class Registry:
         reg = Registration(instance_id, dp_rank, model_name, routing_group, block_size,
                            endpoint, replay_endpoint)
         self.registrations[(instance_id, dp_rank)] = reg
-        reg.task = asyncio.get_running_loop().create_task(
-            self._listen(reg, part), name=f"kvgraph:index:listener:{instance_id}:{dp_rank}")
-        self._tasks.add(reg.task)
-        reg.task.add_done_callback(self._tasks.discard)
+        coro = self._listen(reg, part)
+        name = f"listener-{instance_id}-{dp_rank}"
+        reg.task = self._spawn(coro, name) if self._spawn is not None else \
+            asyncio.get_running_loop().create_task(coro, name=name)
         self.log.info("reading engine %d (dp_rank %d) at %s for %s", instance_id, dp_rank,
                       endpoint, part.key)
         return reg
@@ -200,7 +201,8 @@ class Registry:
         tasks = [r.task for r in self.registrations.values() if r.task is not None]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks)   # their errors, if any, went to the node's owner
 
     # -- peers --------------------------------------------------------------------------------
 

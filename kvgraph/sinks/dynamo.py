@@ -102,7 +102,7 @@ class DynamoSink(DiscoveryProbe, Sink):
         else:
             self._zctx = OwnContext(asyncio=True)
             self._host = advertised_host(c["bind_host"], c["advertise_host"])
-        self._keep_alive = asyncio.create_task(self._registration.keep_alive_forever())
+        self._keep_alive = self.ctx.spawn(self._registration.keep_alive_forever(), "keep-alive")
         self.log.info("publishing for Dynamo endpoint %s/%s/%s over %s, %s discovery",
                       c["namespace"], c["component"], c["endpoint"], c["transport"].upper(),
                       c["discovery"])
@@ -181,7 +181,7 @@ class DynamoSink(DiscoveryProbe, Sink):
         task = getattr(self, "_keep_alive", None)
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait((task,))   # its own error, if any, went to the owner
         if getattr(self, "_registration", None) is not None:
             await self._registration.close()
         if getattr(self, "_nats", None) is not None:

@@ -112,7 +112,7 @@ class IndexSink(Sink):
         for name in ("unknown_removes", "rejected_stores", "not_indexed", "blocks_without_tokens"):
             self.metrics.extra.setdefault(name, 0)
         self.registry = Registry(c["max_blocks"], self.metrics.extra, self.log, self._listened,
-                                 self.id)
+                                 self.id, self.ctx.spawn)
         self.http_stats = Stats()
         self.own = None if self.ctx.inbox is not None and not self.ctx.inbox.channels \
             else self.registry.partition(c["model_name"], c["routing_group"], c["block_size"])
@@ -129,8 +129,7 @@ class IndexSink(Sink):
                                    w.get("routing_group", c["routing_group"]),
                                    w.get("dp_rank", 0), w.get("replay_endpoint"))
         self.log.info("index queries on http://%s:%d", c["host"], self.port)
-        self._trimmer = asyncio.get_running_loop().create_task(self._trim_after_bursts(),
-                                                               name=f"kvgraph:{self.id}:trim")
+        self._trimmer = self.ctx.spawn(self._trim_after_bursts(), "trim")
 
     async def _trim_after_bursts(self) -> None:
         """Give the memory an ingestion burst used back to the system once it is over.
@@ -152,10 +151,6 @@ class IndexSink(Sink):
             self._last_seen = now
 
     async def stop(self) -> None:
-        trimmer = getattr(self, "_trimmer", None)
-        if trimmer is not None:
-            trimmer.cancel()
-            await asyncio.gather(trimmer, return_exceptions=True)
         registry = getattr(self, "registry", None)
         if registry is not None:
             await registry.close()

@@ -100,7 +100,7 @@ class ZmqSink(Sink):
             router.setsockopt(zmq.LINGER, 0)
             router.bind(c["replay_endpoint"])
             self._router = router
-            self._replay_task = asyncio.create_task(self._serve_replay())
+            self._replay_task = self.ctx.spawn(self._serve_replay(), "replay")
 
     async def write(self, batch: list[Any]) -> None:
         groups: dict[int, list[Any]] = {}
@@ -135,7 +135,7 @@ class ZmqSink(Sink):
         import asyncio
         if getattr(self, "_replay_task", None) is not None:
             self._replay_task.cancel()
-            await asyncio.gather(self._replay_task, return_exceptions=True)
+            await asyncio.wait((self._replay_task,))
             self._router.close(linger=0)
         if getattr(self, "_zctx", None) is not None:
             await self._zctx.close([getattr(self, "_sock", None)], self.config["linger_s"],

@@ -197,7 +197,7 @@ class NatsSource(NatsProbe, Source):
                     self.log.problem("ack", "could not ack: %s", exc)
             self.metrics.extra["acked" if ok else "redelivery_requests"] += len(msgs)
 
-        asyncio.ensure_future(settle())
+        self.ctx.spawn(settle(), "settle")
 
     def on_stop(self) -> None:
         if hasattr(self, "_wake"):

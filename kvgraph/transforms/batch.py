@@ -22,6 +22,7 @@ import msgspec
 from ..event import REMOVED, STORED, Event
 from ..node import Transform, integer, number
 from ..registry import register
+from ..tasks import Timer
 
 # Fields that must be equal for two stores to become one event (beyond worker and rank),
 # read by one C call per event (operator.attrgetter), compared as one tuple.
@@ -53,7 +54,8 @@ class Batch(Transform):
         self._run: list[Event] = []        # the events being merged, oldest first
         self._hashes: set[int] = set()     # block hashes in the current run
         self._lock = asyncio.Lock()        # timer flushes and batches keep their order
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None   # the deadline of the current run
+        self._timed: list[Event] | None = None   # the run that timer is for
         self.metrics.extra.setdefault("merged_away", 0)
 
     def _joins(self, e: Event) -> bool:
@@ -121,26 +123,34 @@ class Batch(Transform):
         self._arm()
 
     def _arm(self) -> None:
-        import asyncio
+        """A deadline per run, set when its first event arrived: ``max_delay_ms`` bounds how
+        long any event waits. (The timer used to restart on every input batch: with inputs
+        every 2.3 ms and a 5 ms delay, an event waited 228 ms.)"""
+        run = self._run
+        if self._timed is run:
+            return                          # this run's deadline is already set
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        if not self._run:
+            self._timer = self._timed = None
+        if not run:
             return
-        delay = self.config["max_delay_ms"] / 1000
-        if delay <= 0:
-            asyncio.get_running_loop().create_task(self._flush())
-        else:
-            self._timer = asyncio.get_running_loop().call_later(
-                delay, lambda: asyncio.ensure_future(self._flush()))
+        self._timed = run
+        self._timer = self.ctx.call_later(self.config["max_delay_ms"] / 1000,
+                                          lambda: self._flush(run), "deadline")
 
-    async def _flush(self) -> None:
+    async def _flush(self, run: list[Event] | None = None) -> None:
+        """Emit the current run (``run``: only if it is still that one)."""
         async with self._lock:
+            if run is not None and run is not self._run:
+                return                      # flushed already; the next run has its own timer
+            self._timer = self._timed = None
             done = self._take_run()
             if done is not None:
                 await self.ctx.emit([done])
+        self._arm()
 
     async def finish(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = self._timed = None
         await self._flush()
