@@ -160,6 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(graph, args, status, prefix, early))
 
 
+#: ``kvgraph run``'s default bound on draining after a stop signal, and its exit code past it.
+DRAIN_TIMEOUT_S = 25.0
+EXIT_DRAIN_TIMEOUT = 3
+
+
 def _event_loop(choice: str) -> Any:
     """uvloop (libuv's event loop) when asked, or by default where it is installed: the same
     graph, with less time per wake-up and per socket operation (the index node answered 10%
@@ -288,11 +293,28 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
                 log.warning("second signal: abandoning the start-up")
                 abandon.append(asyncio.create_task(_cancel_until_done(starting)))
         elif signals == 1:
-            log.warning("%s: stopping sources and draining; send it again to abort", name)
+            log.warning("%s: stopping sources and draining%s; send it again to abort", name,
+                        f" (at most {args.drain_timeout:g} s)" if args.drain_timeout else "")
             rt.request_stop()
+            arm_drain_deadline()
         elif not abort_task:
             log.warning("second signal: aborting now")
             abort_task.append(asyncio.create_task(rt.abort()))
+
+    drain: list[asyncio.TimerHandle] = []
+    timed_out: list[bool] = []
+
+    def arm_drain_deadline() -> None:
+        if args.drain_timeout and not drain:
+            drain.append(loop.call_later(args.drain_timeout, drain_timed_out))
+
+    def drain_timed_out() -> None:
+        if abort_task:
+            return
+        log.warning("draining took longer than --drain-timeout %g s: aborting; what was not "
+                    "delivered is counted in the totals and the report", args.drain_timeout)
+        timed_out.append(True)
+        abort_task.append(asyncio.create_task(rt.abort()))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -309,6 +331,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
             return 1
         if signals:
             rt.request_stop()
+            arm_drain_deadline()
         status.start()
         if args.shard:  # a worker: stop (draining) if the supervising process is gone
             from .workers import watch_parent
@@ -325,6 +348,8 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
             await task
         if orphan_watch is not None:
             orphan_watch.cancel()
+        for handle in drain:
+            handle.cancel()
         await status.stop()
         if server is not None:
             await server.close()
@@ -335,6 +360,8 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
         import dataclasses
 
         Path(args.report).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    if timed_out:
+        return EXIT_DRAIN_TIMEOUT
     return 0 if result.ok else 1
 
 
@@ -388,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", metavar="PATH",
                    help="write the final totals as JSON here (for scripts and tests); with "
                         "--workers, one file per worker: NAME.workerI.json")
+    r.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="S",
+                   help="after a stop signal, drain for at most S seconds, then abort, count "
+                        "what was not delivered, write the report and exit "
+                        f"{EXIT_DRAIN_TIMEOUT} (default {DRAIN_TIMEOUT_S:g}: inside "
+                        "Kubernetes' default 30 s grace period); 0 waits for ever")
     r.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="the event loop: uvloop where installed (auto, the default), or "
                         "asyncio's own")

@@ -195,6 +195,11 @@ class NodeContext:
                 ch.close()
 
 
+#: After an abort, how long each node's ``stop`` may take (closing connections to a server that
+#: is down must not hold the exit).
+ABORT_STOP_TIMEOUT_S = 0.5
+
+
 @dataclass
 class RunResult:
     """How a run ended. ``ok`` is True only when everything in flight was delivered and no
@@ -209,6 +214,10 @@ class RunResult:
     lost: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     metrics: dict[str, dict[str, int | float]] = field(default_factory=dict)
+    #: when the run was aborted (a second signal, ``--drain-timeout``): what was still on each
+    #: edge, and what each sink had written but not confirmed; all of it is in lost_events
+    undelivered_edges: dict[str, int] = field(default_factory=dict)
+    undelivered_nodes: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_config(node: Node, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -244,6 +253,8 @@ class Runtime:
         self.owner = TaskOwner("kvgraph", self._node_task_failed)   # the node tasks
         self.failures: dict[str, str] = {}
         self.lost_events = 0
+        self.undelivered_edges: dict[str, int] = {}
+        self.undelivered_nodes: dict[str, int] = {}
         self.aborted = False
         self.started_at = 0.0
         self._stopping: asyncio.Event | None = None
@@ -331,7 +342,11 @@ class Runtime:
         await self.owner.join()
         for ctx in self.contexts.values():
             await ctx.tasks.close()
-        self.lost_events += sum(ch.clear() for ch in self.channels)
+        for ch in self.channels:
+            n = ch.clear()
+            if n:
+                self.undelivered_edges[ch.name] = n
+                self.lost_events += n
         return self.lost_events
 
     async def wait(self) -> RunResult:
@@ -349,12 +364,20 @@ class Runtime:
                          aborted=self.aborted, failures=dict(self.failures),
                          lost_events=self.lost_events, lost=lost,
                          elapsed_s=time.monotonic() - self.started_at,
-                         metrics={nid: c.metrics.snapshot() for nid, c in self.contexts.items()})
+                         metrics={nid: c.metrics.snapshot() for nid, c in self.contexts.items()},
+                         undelivered_edges=dict(self.undelivered_edges),
+                         undelivered_nodes=dict(self.undelivered_nodes))
 
     async def _stop_nodes(self) -> None:
         for nid in reversed(self._started):
             try:
-                await self.nodes[nid].stop()
+                if self.aborted:   # an abort is bounded: a node may not wait on an outage
+                    await asyncio.wait_for(self.nodes[nid].stop(), ABORT_STOP_TIMEOUT_S)
+                else:
+                    await self.nodes[nid].stop()
+            except asyncio.TimeoutError:
+                log.warning("[%s] did not stop within %.1f s of the abort: left as it is", nid,
+                            ABORT_STOP_TIMEOUT_S)
             except Exception as exc:  # stopping must reach every node
                 log.warning("[%s] error while stopping: %s", nid, exc)
             await self.contexts[nid].tasks.close()   # helpers the node left running
@@ -545,6 +568,8 @@ class Runtime:
                 await confirm()
         except asyncio.CancelledError:
             self.lost_events += pending
+            if pending:
+                self.undelivered_nodes[node.id] = pending
             raise
         except Exception as exc:  # flush failed: what was pending is not known delivered
             self.lost_events += pending

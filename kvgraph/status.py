@@ -111,6 +111,10 @@ def totals(rt: "Runtime", result: "RunResult") -> str:
     lines = [head, table(rt, None, 0)]
     if result.lost_events:
         lines.append(f"lost in flight: {result.lost_events} event(s)")
+    for edge, n in result.undelivered_edges.items():
+        lines.append(f"undelivered: edge {edge}: {n} event(s) still queued at the abort")
+    for nid, n in result.undelivered_nodes.items():
+        lines.append(f"undelivered: {nid}: {n} event(s) written, not confirmed at the abort")
     for nid, n in result.lost.items():
         lines.append(f"lost: {nid}: {n} (see its loss records on errors, and the log)")
     for nid, why in result.failures.items():

@@ -74,7 +74,7 @@ def supervise(args: argparse.Namespace, plan: list[list[str]],
                "--log-level", args.log_level]
         if args.strict:
             cmd.append("--strict")
-        cmd += ["--loop", args.loop]
+        cmd += ["--loop", args.loop, "--drain-timeout", str(args.drain_timeout)]
         if args.metrics_port is not None:
             port = args.metrics_port + i if args.metrics_port else 0
             cmd += ["--metrics-port", str(port), "--metrics-host", args.metrics_host]

@@ -600,6 +600,52 @@ to = "out"
     assert "ABORTED" in err and "lost in flight" in err
 
 
+def test_sigterm_during_a_nats_outage_exits_within_the_drain_timeout(tmp_path: Path) -> None:
+    """Issue 14: draining into a NATS server that is down used to last for ever; past
+    --drain-timeout the run aborts, counts what it could not deliver, writes the report, and
+    exits 3."""
+    server = NatsServer().start()
+    try:
+        graph = (GraphFile("outage").node("src", "synthetic", rate=2000, workers=2)
+                 .node("router", "nats", url=server.url, subject="kv.outage",
+                       format="dynamo-msgpack", block_size=16)
+                 .edge("src", "router").write(tmp_path))
+        report = tmp_path / "report.json"
+        proc = kvgraph_run(graph, "--drain-timeout", "2", "--report", str(report),
+                           "--status", "log", "--status-interval", "0.05")
+        try:
+            while True:   # until events flow
+                line = proc.stderr.readline()
+                assert line, "kvgraph exited early"
+                if "status: src +" in line and "status: src +0 " not in line:
+                    break
+            server.stop()
+            while "disconnected from NATS" not in proc.stderr.readline():
+                pass
+            produced = 0   # events made during the outage: they cannot be delivered
+            while produced < 3:
+                line = proc.stderr.readline()
+                assert line, "kvgraph exited early"
+                if "status: src +" in line and "status: src +0 " not in line:
+                    produced += 1
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            elapsed = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        server.close()
+    assert proc.returncode == 3, err
+    assert elapsed < 2 + 1, elapsed
+    data = json.loads(report.read_text())
+    assert data["aborted"] and data["lost_events"] > 0
+    assert sum(data["undelivered_edges"].values()) + sum(data["undelivered_nodes"].values()) \
+        == data["lost_events"]
+    assert "longer than --drain-timeout 2 s" in err and "undelivered:" in err
+
+
 # -- Dynamo 1.6.1 end to end: synthetic engines -> ZMQ -> relay -> NATS -> a second graph's index
 
 def _index_difference(want: dict, got: dict, rt, engines: subprocess.Popen[str],
