@@ -1,6 +1,9 @@
 """kvgraph: KV-cache event relays as declarative dataflow graphs.
 
-The public API is re-exported here; modules not listed in ``__all__`` are internal.
+The public API is re-exported here; modules not listed in ``__all__`` are internal. A node
+type needs nothing else: the base classes (``Source``, ``Transform``, ``Sink``), ``register``,
+the option helpers (``string``, ``integer``, ...), ``Problem`` and ``Bind`` for its checks,
+``NodeContext`` (its ``ctx``: ``emit``, ``reject``, ``spawn``, ``call_later``), ``Event``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ _EXPORTS = {
     "UsageError": "errors",
     "Event": "event", "Rejected": "event",
     "Kind": "node", "NodeType": "node", "Sink": "node", "Source": "node", "Transform": "node",
+    "Problem": "node", "Bind": "node", "CheckContext": "node",
+    "string": "node", "integer": "node", "number": "node", "boolean": "node", "array": "node",
+    "table": "node", "one_or_many": "node", "worker_id": "node", "worker_id_value": "node",
     "register": "registry",
-    "Runtime": "runtime", "RunResult": "runtime",
+    "Runtime": "runtime", "RunResult": "runtime", "NodeContext": "runtime", "run": "runtime",
+    "Timer": "tasks",
     "Validation": "validate", "load": "validate", "validate_file": "validate",
     "validate_text": "validate",
 }
@@ -41,35 +48,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (ApiError, ConfigError, GraphError, KvgraphError, NodeFailure,
                          NodeTypeError, UsageError)
     from .event import Event, Rejected
-    from .node import Kind, NodeType, Sink, Source, Transform
+    from .node import (Bind, CheckContext, Kind, NodeType, Problem, Sink, Source, Transform,
+                       array, boolean, integer, number, one_or_many, string, table, worker_id,
+                       worker_id_value)
     from .registry import register
-    from .runtime import Runtime, RunResult
+    from .runtime import NodeContext, Runtime, RunResult, run
+    from .tasks import Timer
     from .validate import Validation, load, validate_file, validate_text
 
-__all__ = [
-    "ApiError",
-    "Background",
-    "ConfigError",
-    "Event",
-    "GraphError",
-    "Kind",
-    "KvgraphError",
-    "NodeFailure",
-    "NodeType",
-    "NodeTypeError",
-    "Rejected",
-    "RunResult",
-    "Runtime",
-    "Sink",
-    "Source",
-    "Transform",
-    "UsageError",
-    "Validation",
-    "__version__",
-    "load",
-    "open",
-    "register",
-    "start",
-    "validate_file",
-    "validate_text",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])

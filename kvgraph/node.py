@@ -144,6 +144,8 @@ class NodeType:
         """Semantic checks beyond the schema (endpoint syntax, option combinations).
 
         Called only when the node's options passed the schema, so types may rely on it.
+        ``options`` has the type's defaults applied (as ``binds``, ``probe``, ``outside`` and
+        ``at_least_once`` get them): read ``options["x"]``, never restate a default.
         """
         return ()
 

@@ -241,6 +241,7 @@ def _validate_doc(doc: dict[str, Any], out: _Collector, environ: Mapping[str, st
         opts = {k: v for k, v in table.items() if k not in COMMON_OPTIONS}
         _check_env(node_id, t, opts, out, environ)
         ctx = CheckContext(node_id)
+        opts = {**t.defaults(), **opts}   # defaults applied once: types never restate them
         for p in t.check(opts, ctx):
             out.add(("nodes", node_id, p.field) if p.field else ("nodes", node_id),
                     p.message, p.hint, "warning" if p.severity == "warning" else "error")
@@ -400,7 +401,8 @@ def _check_acknowledgement(types: dict[str, type[NodeType]], nodes_doc: dict[str
     """A source that acks only after delivery is only as good as the sinks below it."""
     for node_id in sorted(schema_ok):
         t = types[node_id]
-        opts = {k: v for k, v in nodes_doc[node_id].items() if k not in COMMON_OPTIONS}
+        opts = {**t.defaults(),
+                **{k: v for k, v in nodes_doc[node_id].items() if k not in COMMON_OPTIONS}}
         if not t.at_least_once(opts):
             continue
         seen, todo = {node_id}, [node_id]

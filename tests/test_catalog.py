@@ -138,6 +138,32 @@ def test_public_api_is_pinned() -> None:
         "ApiError", "Background", "ConfigError", "Event", "GraphError", "Kind", "KvgraphError",
         "NodeFailure", "NodeType", "NodeTypeError", "Rejected", "RunResult", "Runtime", "Sink",
         "Source", "Transform", "UsageError", "Validation", "__version__", "load", "open",
-        "register", "start", "validate_file", "validate_text"])
+        "register", "start", "validate_file", "validate_text",
+        # what a node type needs (issue 14): checks, option helpers, its context, timers
+        "Bind", "CheckContext", "NodeContext", "Problem", "Timer", "array", "boolean",
+        "integer", "number", "one_or_many", "run", "string", "table", "worker_id",
+        "worker_id_value"])
     for name in kvgraph.__all__:
-        assert hasattr(kvgraph, name), name
+        assert getattr(kvgraph, name) is not None, name
+
+
+def test_checks_get_the_options_with_defaults_applied() -> None:
+    seen: list[dict] = []
+
+    @register
+    class Defaults(NodeType):
+        name = "test_defaults"
+        kind = Kind.SINK
+        summary = "Records what check() is given."
+        options = {"every": {"type": "integer", "default": 3, "description": "N."}}
+
+        @classmethod
+        def check(cls, options, ctx):
+            seen.append(dict(options))
+            return ()
+
+    try:
+        validate_text('[graph]\nname="p"\n[nodes.t]\ntype="test_defaults"\n')
+        assert seen == [{"every": 3}]
+    finally:
+        registry._types.pop(("test_defaults", Kind.SINK))

@@ -54,7 +54,7 @@ def check_url(value: str) -> str | None:
 
 
 def check_connection(options: Mapping[str, Any]) -> Iterable[Problem]:
-    urls = options.get("url", [])
+    urls = options["url"]
     for i, url in enumerate([urls] if isinstance(urls, str) else urls):
         why = check_url(url)
         if why:
@@ -89,7 +89,7 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
     urls = config["url"]
     opts: dict[str, Any] = {
         "servers": [urls] if isinstance(urls, str) else list(urls),
-        "name": config.get("name", "kvgraph"),
+        "name": config["name"],
         "connect_timeout": config["connect_timeout_s"],
         "reconnect_time_wait": config["reconnect_wait_s"],
         # nats-py applies this to the first connection too, where -1 would retry for ever:
@@ -173,7 +173,7 @@ async def probe(config: Mapping[str, Any], stream_needed: bool) -> list[Problem]
     urls = config["url"] if isinstance(config["url"], list) else [config["url"]]
     try:
         nc = await connect({**config, "connect_attempts": 1, "connect_timeout_s":
-                            min(config.get("connect_timeout_s", 2.0), 2.0)}, _Quiet(), _Counts())
+                            min(config["connect_timeout_s"], 2.0)}, _Quiet(), _Counts())
     except Exception as exc:
         return [Problem("url", f"cannot connect to {', '.join(map(redact_url, urls))}: "
                         f"{type(exc).__name__}: {exc}")]

@@ -77,15 +77,15 @@ class IndexSink(Sink):
 
     @classmethod
     def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
-        port = options.get("port", 8090)
+        port = options["port"]
         if port:
-            yield Bind("port", f"http://{options.get('host', '127.0.0.1')}:{port}")
+            yield Bind("port", f"http://{options['host']}:{port}")
 
     @classmethod
     def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
         from ..indexer.registry import check_endpoint
 
-        for i, w in enumerate(options.get("workers", [])):
+        for i, w in enumerate(options["workers"]):
             for key in ("endpoint", "replay_endpoint"):
                 try:
                     if key in w:

@@ -47,7 +47,7 @@ class ZmqSink(Sink):
                 except ValueError as exc:
                     yield Problem(key, f"{options[key]!r} is not a ZMQ endpoint", hint=str(exc))
                     continue
-                connecting = key == "endpoint" and not options.get("bind", True)
+                connecting = key == "endpoint" and not options["bind"]
                 if connecting and ep.transport == "tcp" and ep.host == "*":
                     yield Problem(key, "a wildcard host only works when binding")
         if "replay_endpoint" in options and options.get("replay_endpoint") == options["endpoint"]:
@@ -55,7 +55,7 @@ class ZmqSink(Sink):
 
     @classmethod
     def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
-        if options.get("bind", True):
+        if options["bind"]:
             yield Bind("endpoint", options["endpoint"])
         if "replay_endpoint" in options:
             yield Bind("replay_endpoint", options["replay_endpoint"])
@@ -67,7 +67,7 @@ class ZmqSink(Sink):
         problems = []
         for key in ("endpoint", "replay_endpoint"):
             if key in config:
-                bind = key == "replay_endpoint" or config.get("bind", True)
+                bind = key == "replay_endpoint" or config["bind"]
                 why = (probe_bind if bind else probe_connect)(config[key])
                 if why:
                     problems.append(Problem(key, why))

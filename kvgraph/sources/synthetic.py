@@ -64,7 +64,7 @@ class SyntheticSource(Source):
 
     @classmethod
     def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
-        if options.get("prefix_share", 0) > 1:
+        if options["prefix_share"] > 1:
             yield Problem("prefix_share", "prefix_share is a fraction between 0 and 1")
         if "zmq_endpoint" in options:
             try:

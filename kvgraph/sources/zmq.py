@@ -82,8 +82,8 @@ class ZmqSource(Source):
 
     @classmethod
     def check(cls, options: Mapping[str, Any], ctx: CheckContext) -> Iterable[Problem]:
-        bind = options.get("bind", False)
-        ranks = options.get("dp_ranks", 1)
+        bind = options["bind"]
+        ranks = options["dp_ranks"]
         for key in ("endpoint", "replay_endpoint"):
             if key not in options:
                 continue
@@ -106,8 +106,8 @@ class ZmqSource(Source):
     @classmethod
     def binds(cls, options: Mapping[str, Any]) -> Iterable[Bind]:
         if options.get("bind"):
-            for ep in rank_endpoints(options["endpoint"], options.get("dp_ranks", 1),
-                                     options.get("dp_rank_port_offset", 1)):
+            for ep in rank_endpoints(options["endpoint"], options["dp_ranks"],
+                                     options["dp_rank_port_offset"]):
                 yield Bind("endpoint", ep)
 
     @classmethod
@@ -115,15 +115,15 @@ class ZmqSource(Source):
         from ..proto.zmq import probe_bind, probe_connect
 
         problems = []
-        for ep in rank_endpoints(config["endpoint"], config.get("dp_ranks", 1),
-                                 config.get("dp_rank_port_offset", 1)):
+        for ep in rank_endpoints(config["endpoint"], config["dp_ranks"],
+                                 config["dp_rank_port_offset"]):
             why = probe_bind(ep) if config.get("bind") else probe_connect(ep)
             if why:
                 problems.append(Problem("endpoint", why, hint="is the engine running with "
                                         "KV events enabled?"))
         if "replay_endpoint" in config:
-            for ep in rank_endpoints(config["replay_endpoint"], config.get("dp_ranks", 1),
-                                     config.get("dp_rank_port_offset", 1)):
+            for ep in rank_endpoints(config["replay_endpoint"], config["dp_ranks"],
+                                     config["dp_rank_port_offset"]):
                 why = probe_connect(ep)
                 if why:
                     problems.append(Problem("replay_endpoint", why))
