@@ -14,13 +14,15 @@ every type):
                            no replay brought back, writes that failed); any makes a run not ok
 =========================  =======================================================================
 
-Types add their own counters in ``extra`` (for example ``seq_gaps`` on the zmq source); they
-are exported as ``kvgraph_node_<name>``. Edges export their channel statistics.
+Types add their own metrics in ``extra`` (for example ``seq_gaps`` on the zmq source),
+declared in the type's ``metrics`` (Prometheus type and HELP); they are exported as
+``kvgraph_node_<name>`` (counters with ``_total``). Edges export their channel statistics.
+Exported through prometheus_client, read at scrape time (:class:`GraphCollector`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -47,53 +49,116 @@ class NodeMetrics:
         return {**{k: getattr(self, k) for k in CONTRACT}, **self.extra}
 
 
-def _labels(**kv: str) -> str:
-    inner = ",".join(f'{k}="{v}"' for k, v in kv.items())
-    return "{" + inner + "}"
+#: The contract's counters, as Prometheus families: name, HELP.
+_CONTRACT_HELP = {
+    "events_in": "Events received (sources: produced).",
+    "events_out": "Events emitted on out (sinks: confirmed delivered).",
+    "errors": "Events or messages the node could not handle (sent to its errors port).",
+    "lost": "Known lost for good, each with a loss record (engine batches, failed writes).",
+}
+#: Channel statistics: family suffix, ChannelStats attribute, type, HELP.
+_EDGE = [
+    ("fill_batches", "current", "gauge", "Batches queued on the edge."),
+    ("fill_events", "current_events", "gauge", "Events queued on the edge."),
+    ("fill_bytes", "current_bytes", "gauge", "Estimated bytes queued on the edge."),
+    ("peak_batches", "peak", "gauge", "Most batches ever queued on the edge."),
+    ("capacity_batches", "capacity", "gauge", "The edge's capacity in batches."),
+    ("waiting_senders", "waiting_senders", "gauge", "Producers waiting for room."),
+    ("sent_events", "sent_events", "counter", "Events sent through the edge."),
+    ("dropped_events", "dropped_events", "counter", "Events the edge dropped (when_full)."),
+    ("dropped_batches", "dropped_batches", "counter", "Batches the edge dropped (when_full)."),
+]
 
 
-def prometheus(nodes: Iterable[NodeMetrics], channels: Iterable["Channel"],
-               up_seconds: float) -> str:
-    """Prometheus text exposition format 0.0.4."""
+def families(nodes: Iterable[tuple[NodeMetrics, Mapping[str, Any]]],
+             channels: Iterable["Channel"], up_seconds: float) -> Iterator[Any]:
+    """The graph's metrics as prometheus_client families, read now (a scrape reads the
+    counters the nodes keep anyway: nothing is counted twice on the hot path). ``nodes``: each
+    node's metrics with its type's declared ``metrics`` (HELP and TYPE of its extras; one it
+    did not declare is a gauge that says so)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     nodes, channels = list(nodes), list(channels)
-    out: list[str] = ["# HELP kvgraph_uptime_seconds Seconds since the graph started.",
-                      "# TYPE kvgraph_uptime_seconds gauge",
-                      f"kvgraph_uptime_seconds {up_seconds:.3f}"]
-    helps = {
-        "events_in": "Events received (sources: produced).",
-        "events_out": "Events emitted on out (sinks: delivered).",
-        "errors": "Events or messages the node could not handle.",
-        "lost": "Known lost for good, each with a loss record (engine batches, failed writes).",
-    }
-    for name in ("events_in", "events_out", "errors", "lost"):
-        metric = f"kvgraph_node_{name}_total"
-        out += [f"# HELP {metric} {helps[name]}", f"# TYPE {metric} counter"]
-        out += [f"{metric}{_labels(node=m.node, type=m.type, kind=m.kind)} {getattr(m, name)}"
-                for m in nodes]
-    metric = "kvgraph_node_discarded_total"
-    out += [f"# HELP {metric} Events discarded, on purpose (intentional) or not.",
-            f"# TYPE {metric} counter"]
-    for m in nodes:
+    yield GaugeMetricFamily("kvgraph_uptime_seconds", "Seconds since the graph started.",
+                            value=up_seconds)
+    labels = ["node", "type", "kind"]
+    for name, help_ in _CONTRACT_HELP.items():
+        fam = CounterMetricFamily(f"kvgraph_node_{name}", help_, labels=labels)
+        for m, _ in nodes:
+            fam.add_metric([m.node, m.type, m.kind], getattr(m, name))
+        yield fam
+    fam = CounterMetricFamily("kvgraph_node_discarded", "Events discarded, on purpose "
+                              "(intentional: filtered, deduplicated) or not (unintentional).",
+                              labels=[*labels, "reason"])
+    for m, _ in nodes:
         for reason in ("intentional", "unintentional"):
-            out.append(f"{metric}{_labels(node=m.node, type=m.type, kind=m.kind, reason=reason)}"
-                       f" {getattr(m, 'discarded_' + reason)}")
-    extras = sorted({k for m in nodes for k in m.extra})
-    for name in extras:
-        metric = f"kvgraph_node_{name}"
-        out.append(f"# TYPE {metric} untyped")
-        out += [f"{metric}{_labels(node=m.node, type=m.type)} {m.extra[name]}"
-                for m in nodes if name in m.extra]
-    gauges = [("fill_batches", "current", "gauge"), ("fill_events", "current_events", "gauge"),
-              ("fill_bytes", "current_bytes", "gauge"),
-              ("peak_batches", "peak", "gauge"), ("capacity_batches", "capacity", "gauge"),
-              ("waiting_senders", "waiting_senders", "gauge"),
-              ("sent_events_total", "sent_events", "counter"),
-              ("dropped_events_total", "dropped_events", "counter"),
-              ("dropped_batches_total", "dropped_batches", "counter")]
+            fam.add_metric([m.node, m.type, m.kind, reason],
+                           getattr(m, "discarded_" + reason))
+    yield fam
+    extras: dict[str, Any] = {}
+    declared: dict[str, Any] = {}   # a name is one family: any type's declaration of it
+    for _, decl in nodes:
+        for name, spec in decl.items():
+            declared.setdefault(name, spec)
+    for m, _ in nodes:
+        for name, value in m.extra.items():
+            if not isinstance(value, (int, float)):
+                continue
+            fam = extras.get(name)
+            if fam is None:
+                spec = declared.get(name)
+                base = f"kvgraph_node_{name.removesuffix('_total')}"
+                if spec is not None and spec.kind == "counter":
+                    fam = CounterMetricFamily(base, spec.help, labels=["node", "type"])
+                else:
+                    fam = GaugeMetricFamily(base, spec.help if spec is not None else
+                                            f"{name}: set by the node type, which does not "
+                                            "declare it.", labels=["node", "type"])
+                extras[name] = fam
+            fam.add_metric([m.node, m.type], value)
+    yield from extras.values()
     stats = [(ch, ch.statistics()) for ch in channels]
-    for suffix, attr, kind in gauges:
-        metric = f"kvgraph_edge_{suffix}"
-        out.append(f"# TYPE {metric} {kind}")
-        out += [f"{metric}{_labels(edge=st.name, src=ch.src, dst=ch.dst)} {getattr(st, attr)}"
-                for ch, st in stats]
-    return "\n".join(out) + "\n"
+    for suffix, attr, kind, help_ in _EDGE:
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        fam = cls(f"kvgraph_edge_{suffix}", help_, labels=["edge", "src", "dst"])
+        for ch, st in stats:
+            fam.add_metric([st.name, ch.src, ch.dst], getattr(st, attr))
+        yield fam
+
+
+class GraphCollector:
+    """A prometheus_client collector of a running graph (``runtime``), read at scrape time."""
+
+    def __init__(self, runtime: Any):
+        self.rt = runtime
+
+    def collect(self) -> Iterator[Any]:
+        import time
+
+        rt = self.rt
+        nodes = [(c.metrics, c.node.type.metrics) for c in rt.contexts.values()]
+        up = time.monotonic() - rt.started_at if rt.started_at else 0.0
+        return families(nodes, rt.channels, up)
+
+
+def registry_for(runtime: Any) -> Any:
+    """A prometheus_client registry with the graph's metrics and the standard process_* and
+    python_* collectors (RSS, CPU, open fds, GC)."""
+    from prometheus_client import (CollectorRegistry, GCCollector, PlatformCollector,
+                                   ProcessCollector)
+
+    reg = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    GCCollector(registry=reg)
+    reg.register(GraphCollector(runtime))
+    return reg
+
+
+def exposition(registry: Any, accept: str = "") -> tuple[bytes, str]:
+    """The registry's page in the format the scraper asked for (OpenMetrics when its Accept
+    says so, else the text format 0.0.4), and its content type."""
+    from prometheus_client.exposition import choose_encoder
+
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type

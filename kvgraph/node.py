@@ -63,6 +63,23 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class Metric:
+    """A metric a node type adds to the contract (``ctx.metrics.extra[name]``): its Prometheus
+    type and HELP text. Declared once, in the type's ``metrics``; the exporter reads them."""
+
+    kind: str   # "counter" (only grows) or "gauge"
+    help: str
+
+
+def counter(help: str) -> Metric:
+    return Metric("counter", help)
+
+
+def gauge(help: str) -> Metric:
+    return Metric("gauge", help)
+
+
+@dataclass(frozen=True)
 class Bind:
     """An address a node will bind, so that two nodes binding the same one can be reported."""
 
@@ -95,6 +112,8 @@ class NodeType:
     summary: ClassVar[str]
     options: ClassVar[Mapping[str, JsonSchema]] = {}
     required: ClassVar[tuple[str, ...]] = ()
+    #: The metrics the type adds to the contract, by ``extra`` name (see :class:`Metric`).
+    metrics: ClassVar[Mapping[str, Metric]] = {}
     #: Output ports besides the standard ones (``out`` unless a sink, and ``errors``).
     extra_ports: ClassVar[tuple[str, ...]] = ()
     #: An example node table body, shown by ``kvgraph nodes NAME``.

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .metrics import prometheus
 
 if TYPE_CHECKING:
     from .runtime import Runtime, RunResult
@@ -123,16 +122,18 @@ def totals(rt: "Runtime", result: "RunResult") -> str:
 
 
 async def serve_metrics(rt: "Runtime", host: str, port: int) -> Any:
-    """``GET /metrics`` (and ``/``) in Prometheus text format; ``.port``, ``await .close()``."""
+    """``GET /metrics`` (and ``/``): the graph's metrics, process_* and python_*, in the
+    Prometheus text format or OpenMetrics (by the Accept header); ``.port``, ``await .close()``."""
     from aiohttp import web
 
+    from .metrics import exposition, registry_for
     from .webserver import application, serve
 
+    registry = registry_for(rt)
+
     async def handle(request: web.Request) -> web.Response:
-        text = prometheus([c.metrics for c in rt.contexts.values()], rt.channels,
-                          time.monotonic() - rt.started_at)
-        return web.Response(body=text.encode(),
-                            headers={"Content-Type": "text/plain; version=0.0.4"})
+        body, content_type = exposition(registry, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = application()
     app.router.add_get("/metrics", handle)

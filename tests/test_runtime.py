@@ -294,10 +294,11 @@ def test_prometheus_endpoint() -> None:
         return body.decode()
 
     text = asyncio.run(go())
-    assert 'kvgraph_node_events_out_total{node="src",type="synthetic",kind="source"} 100' in text
-    assert 'kvgraph_node_discarded_total{node="out",type="capture",kind="sink",' \
-           'reason="unintentional"} 0' in text
-    assert 'kvgraph_edge_capacity_batches{edge="src -> out",src="src",dst="out"} 1024' in text
+    assert 'kvgraph_node_events_out_total{kind="source",node="src",type="synthetic"} 100.0' \
+        in text
+    assert 'kvgraph_node_discarded_total{kind="sink",node="out",reason="unintentional",' \
+           'type="capture"} 0.0' in text
+    assert 'kvgraph_edge_capacity_batches{dst="out",edge="src -> out",src="src"} 1024.0' in text
 
 
 def test_channels_are_bounded_in_events_too() -> None:

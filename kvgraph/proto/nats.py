@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterable, Mapping
 
-from ..node import JsonSchema, Problem, boolean, number, one_or_many, string
+from ..node import JsonSchema, Problem, boolean, counter, number, one_or_many, string
 
 _URL = re.compile(r"^(nats|tls|ws|wss)://(?:[^@/\s]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)"
                   r"(?::(\d{1,5}))?/?$")
@@ -51,6 +51,14 @@ def check_url(value: str) -> str | None:
     if m.group(3) and not 0 < int(m.group(3)) < 65536:
         return f"port {m.group(3)} is out of range 1-65535"
     return None
+
+
+#: The metrics of every node holding a NATS connection.
+NATS_METRICS = {
+    "disconnects": counter("Times the NATS connection dropped."),
+    "reconnects": counter("Times it came back."),
+    "connection_errors": counter("Errors the NATS client reported."),
+}
 
 
 def check_connection(options: Mapping[str, Any]) -> Iterable[Problem]:

@@ -26,6 +26,8 @@ from typing import Any, Mapping
 from ..node import Sink, integer, number, string
 from ..proto.dynamo_discovery import DISCOVERY_OPTIONS, DiscoveryProbe
 from ..proto.nats import CONNECTION_OPTIONS
+from ..proto.nats import NATS_METRICS
+from ..node import counter, gauge
 from ..registry import register
 from .nats import NatsSink
 
@@ -40,6 +42,15 @@ def frame_envelope(envelope: bytes) -> bytes:
 @register
 class DynamoSink(DiscoveryProbe, Sink):
     name = "dynamo"
+    metrics = {**NATS_METRICS,
+               "publishers": gauge("Dynamo publishers registered (one per worker and rank)."),
+               "messages_sent": counter("Event-plane messages sent."),
+               "not_main_group": counter("Events of KV groups other than the main one, not "
+                                         "sent."),
+               "resent_messages": counter("Messages published again (NATS transport)."),
+               "held_events": gauge("Events written, not yet confirmed (NATS transport)."),
+               "confirm_timeouts": counter("Confirmations that did not come in time."),
+               "publish_retries": counter("Publishes retried.")}
     summary = "Publish to Dynamo's KV event plane (ZMQ), registered in Dynamo's discovery."
     confirms_delivery = False   # PUB sockets: a router that is not there misses the events
     options = {

@@ -32,6 +32,7 @@ from ..indexer.registry import Registry, RegistryError
 from ..node import Bind, CheckContext, Problem, Sink, array, integer, string, table, worker_id
 from ..node import worker_id_value
 from ..prefix_index import IndexError_
+from ..node import counter, gauge
 from ..registry import register
 
 _WORKER = table("An engine to read from the start, as Dynamo's `--workers`.", {
@@ -48,6 +49,18 @@ _WORKER = table("An engine to read from the start, as Dynamo's `--workers`.", {
 @register
 class IndexSink(Sink):
     name = "index"
+    metrics = {
+        "blocks": gauge("Blocks held over all workers and partitions."),
+        "tree_nodes": gauge("Blocks in the device trees, whoever holds them."),
+        "unknown_removes": counter("Removes of blocks the worker did not hold (skipped)."),
+        "rejected_stores": counter("Stores refused (unknown parent, no complete block...)."),
+        "not_indexed": counter("Events of tiers or KV groups Dynamo's indexer does not "
+                               "index."),
+        "blocks_without_tokens": counter("Blocks of stores whose tokens ran out (dropped, as "
+                                         "Dynamo does)."),
+        "http_body_bytes": gauge("Request bodies being read, in bytes."),
+        "http_slow_clients_dropped": counter("Clients dropped for not reading an answer."),
+    }
     summary = ("Dynamo's standalone KV indexer: prefix index and its HTTP API (a drop-in for "
                "`python -m dynamo.indexer`).")
     options = {
@@ -285,6 +298,10 @@ class IndexSink(Sink):
                         "events": msgspec_list(p.dump())}
                 for p in self.registry.partitions.values()}
 
+    @classmethod
+    def metrics_of(cls, name: str) -> Any:
+        return cls.metrics[name]
+
     def prometheus(self) -> str:
         from ..indexer.http_api import prometheus_http
 
@@ -303,8 +320,10 @@ class IndexSink(Sink):
                   f"dynamo_kvindexer_workers {len({r[0] for r in reg.registrations})}"]
         for name in ("blocks", "not_indexed", "unknown_removes", "rejected_stores",
                      "blocks_without_tokens"):
-            lines.append(f"# TYPE kvgraph_index_{name} untyped")
-            lines.append(f"kvgraph_index_{name} {self.metrics.extra.get(name, 0)}")
+            spec = self.metrics_of(name)
+            metric = f"kvgraph_index_{name}" + ("_total" if spec.kind == "counter" else "")
+            lines += [f"# HELP {metric} {spec.help}", f"# TYPE {metric} {spec.kind}",
+                      f"{metric} {self.metrics.extra.get(name, 0)}"]
         return "\n".join(lines) + "\n"
 
 

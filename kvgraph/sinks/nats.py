@@ -17,6 +17,8 @@ from ..errors import NodeFailure
 from ..event import STORED, Event
 from ..node import CheckContext, Sink, Problem, boolean, integer, number, string
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
+from ..proto.nats import NATS_METRICS
+from ..node import counter, gauge
 from ..registry import register
 
 FORMATS = ["dynamo-msgpack", "dynamo-json", "jsonl"]
@@ -27,6 +29,14 @@ _FIELD = re.compile(r"\{([^{}]*)\}")
 @register
 class NatsSink(NatsProbe, Sink):
     name = "nats"
+    metrics = {**NATS_METRICS,
+               "resent_messages": counter("Messages published again after a failed "
+                                          "confirmation."),
+               "held_events": gauge("Events written but not yet confirmed delivered."),
+               "confirm_timeouts": counter("Confirmations that did not come in time."),
+               "publish_retries": counter("Publishes retried."),
+               "not_main_group": counter("Events of KV groups other than the main one, not "
+                                         "sent (Dynamo has no place for them).")}
     summary = "Publish events to NATS in Dynamo's formats or kvgraph JSONL."
     # With --workers, every worker has its own connection and Dynamo publisher id.
     replicable = True

@@ -14,12 +14,15 @@ from typing import Any, Iterable, Mapping
 
 from ..node import Bind, CheckContext, Sink, Problem, boolean, integer, number, string
 from ..proto.zmq import parse_endpoint
+from ..node import counter
 from ..registry import register
 
 
 @register
 class ZmqSink(Sink):
     name = "zmq"
+    metrics = {"replays_served": counter("Replay requests answered."),
+               "bad_replay_requests": counter("Replay requests that made no sense (ignored).")}
     summary = "Re-publish events on a ZMQ PUB socket in vLLM's wire format."
     confirms_delivery = False  # a PUB socket cannot know whether anyone received a message
     options = {

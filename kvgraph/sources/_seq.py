@@ -34,6 +34,7 @@ import xxhash
 
 from ..codecs.vllm import SEQ_END, DecodeError, decode_payload, parse_seq
 from ..event import CLEARED, Event, Rejected
+from ..node import counter
 
 Key = tuple[bytes, int]  # (topic, dp_rank)
 
@@ -67,6 +68,22 @@ class _Stream:
 class _Replay:
     key: Key | None = None          # the stream being repaired (None: replay on connect)
     deadline: float = 0.0
+
+
+#: The metrics of every source that follows engines' sequence numbers (zmq).
+SEQ_METRICS = {
+    "seq_gaps": counter("Jumps in an engine's batch sequence number (each repaired or lost)."),
+    "seq_missing": counter("Engine batches missing in those gaps."),
+    "seq_resets": counter("Sequence numbers that went back: an engine restarted (a cleared "
+                          "event went downstream)."),
+    "seq_lost": counter("Engine batches no replay brought back: lost for good."),
+    "replays": counter("Replay requests sent to engines' replay endpoints."),
+    "replayed_batches": counter("Batches received from replays."),
+    "late_duplicates": counter("Batches received again after they were applied (skipped)."),
+    "seq_duplicates": counter("Batches with a sequence number seen just before (skipped)."),
+    "seq_anomalies": counter("Sequence numbers that made no sense for their stream."),
+    "malformed": counter("Messages that could not be decoded (sent to errors)."),
+}
 
 
 class SeqStreams:

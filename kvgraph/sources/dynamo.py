@@ -27,12 +27,17 @@ from typing import Any, Mapping
 from ..node import Source, integer, number
 from ..proto.dynamo_discovery import DISCOVERY_OPTIONS, DiscoveryProbe
 from ..proto.nats import CONNECTION_OPTIONS
+from ..node import counter, gauge
 from ..registry import register
 
 
 @register
 class DynamoSource(DiscoveryProbe, Source):
     name = "dynamo"
+    metrics = {"publishers": gauge("Dynamo publishers followed (from discovery)."),
+               "seq_lost": counter("Envelopes missing in a publisher's sequence: lost."),
+               "malformed": counter("Messages that could not be decoded (sent to errors)."),
+               "duplicates": counter("Envelopes received twice (skipped).")}
     summary = "Read Dynamo's KV event plane (ZMQ): every publisher of an endpoint, found in " \
               "Dynamo's discovery."
     options = {

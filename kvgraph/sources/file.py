@@ -15,6 +15,7 @@ import time
 from ..codecs.jsonl import JsonlError, decode_line
 from ..event import Event, Rejected
 from ..node import Source, boolean, integer, number, string, worker_id, worker_id_value
+from ._seq import SEQ_METRICS
 from ..registry import register
 from ._frames import FrameIngest
 
@@ -22,6 +23,7 @@ from ._frames import FrameIngest
 @register
 class FileSource(Source):
     name = "file"
+    metrics = SEQ_METRICS   # a recording of an engine's frames is followed as the engine
     summary = "Replay a recording: vLLM wire frames or kvgraph JSONL events."
     options = {
         "path": string("File to read; relative paths are relative to the graph file.",

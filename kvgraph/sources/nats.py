@@ -17,6 +17,8 @@ from ..event import Event, Rejected
 from ..node import (CheckContext, Source, Problem, integer, number, string, worker_id,
                     worker_id_value)
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
+from ..proto.nats import NATS_METRICS
+from ..node import counter
 from ..registry import register
 
 FORMATS = ["jsonl", "dynamo-json", "dynamo-msgpack"]
@@ -25,6 +27,12 @@ FORMATS = ["jsonl", "dynamo-json", "dynamo-msgpack"]
 @register
 class NatsSource(NatsProbe, Source):
     name = "nats"
+    metrics = {**NATS_METRICS,
+               "malformed": counter("Messages that could not be decoded (sent to errors)."),
+               "acked": counter("JetStream messages acknowledged after delivery."),
+               "redelivery_requests": counter("JetStream messages handed back for redelivery."),
+               "redeliveries_held": counter("Redelivered messages held back until their first "
+                                            "copy was settled.")}
     summary = "Subscribe to a NATS subject (core or JetStream) and decode events."
     options = {
         **CONNECTION_OPTIONS,

@@ -15,12 +15,20 @@ from typing import Any, Iterable, Mapping
 from ..node import (Bind, CheckContext, Source, Problem, boolean, integer, number, string,
                     worker_id, worker_id_value)
 from ..proto.zmq import Readable, parse_endpoint, rank_endpoints
+from ._seq import SEQ_METRICS
+from ..node import counter, gauge
 from ..registry import register
 
 
 @register
 class ZmqSource(Source):
     name = "zmq"
+    metrics = {**SEQ_METRICS,
+               "read_ahead_bytes": gauge("Engine messages read ahead while the graph "
+                                         "downstream was full, in bytes."),
+               "read_ahead_dropped": counter("Messages dropped past max_read_ahead_bytes "
+                                             "(seen as seq gaps)."),
+               "reconnects": counter("Times the source connected to an endpoint again.")}
     summary = "Read KV events from a vLLM, SGLang or TensorRT-LLM ZMQ publisher."
     options = {
         "endpoint": string("The engine's PUB endpoint: tcp://HOST:PORT, ipc://PATH or "

@@ -21,6 +21,7 @@ import msgspec
 
 from ..event import REMOVED, STORED, Event
 from ..node import Transform, integer, number
+from ..node import counter
 from ..registry import register
 from ..tasks import Timer
 
@@ -39,6 +40,7 @@ def _joined(lists: Any) -> list[Any]:
 @register
 class Batch(Transform):
     name = "batch"
+    metrics = {"merged_away": counter("Input events merged into another.")}
     summary = "Merge adjacent stores (same chain) and removes into larger events."
     replicable = True
     options = {

@@ -11,12 +11,16 @@ import msgspec
 
 from ..event import REMOVED, STORED, Event
 from ..node import Transform, integer, string
+from ..node import counter
 from ..registry import register
 
 
 @register
 class Dedup(Transform):
     name = "dedup"
+    metrics = {"unknown_removes": counter("Removes of blocks not held (passed on)."),
+               "duplicate_stores": counter("Stores of blocks already held (dropped)."),
+               "forgotten": counter("Blocks forgotten past max_blocks (oldest first).")}
     summary = "Reference-counted store/remove filter, per worker and DP rank."
     replicable = True
     # A remove event whose hashes are partly still referenced passes with only the hashes
