@@ -261,12 +261,16 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
     from .runtime import Runtime
     from .status import Status, serve_metrics, totals
 
+    from .live import WarningBuffer
+
     log = logging.getLogger("kvgraph")
     rt = Runtime(graph)
+    warnings = WarningBuffer()   # for the live view and /warnings
+    logging.getLogger().addHandler(warnings)
     server = None
     if args.metrics_port is not None:  # every listener before any source: a taken port
         try:                           # stops the run before anything was read
-            server = await serve_metrics(rt, args.metrics_host, args.metrics_port)
+            server = await serve_metrics(rt, args.metrics_host, args.metrics_port, warnings)
         except OSError as exc:
             where = f"--metrics-port {args.metrics_port} on {args.metrics_host}"
             raise listen_error(where, exc) or UsageError(f"{where}: {exc}") from None
@@ -320,7 +324,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
         loop.add_signal_handler(sig, on_signal, sig)
     for sig in early.take() if early else ():
         on_signal(sig)
-    status = Status(rt, status_mode, args.status_interval)
+    status = Status(rt, status_mode, args.status_interval, warnings=warnings)
     orphan_watch = None
     try:
         try:
@@ -355,6 +359,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
             await server.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        logging.getLogger().removeHandler(warnings)
     print(prefix + totals(rt, result), file=sys.stderr)
     if args.report:
         import dataclasses
@@ -363,6 +368,17 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
     if timed_out:
         return EXIT_DRAIN_TIMEOUT
     return 0 if result.ok else 1
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .top import run
+
+    try:
+        return asyncio.run(run(args.url, args.interval, args.once))
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -429,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--metrics-port P serves worker I on P+I")
     r.add_argument("--shard", metavar="I/N", help=argparse.SUPPRESS)  # one worker's part
     r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("top", help="watch graphs running elsewhere, from their /metrics")
+    t.add_argument("url", nargs="+", help="a `kvgraph run --metrics-port` endpoint, such as "
+                   "http://host:9464; several are combined (the workers of --workers N)")
+    t.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between refreshes (default 1)")
+    t.add_argument("--once", action="store_true", help="print the view once and exit")
+    t.set_defaults(func=cmd_top)
 
     s = sub.add_parser("schema", help="print the JSON Schema of graph files")
     s.add_argument("-o", "--output", metavar="PATH", help="write here instead of stdout")

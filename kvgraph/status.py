@@ -67,39 +67,78 @@ def summary_line(rt: "Runtime", prev: dict[str, tuple[int, int]] | None, dt: flo
 
 
 class Status:
-    """Runs while the graph runs: the screen (``tty``), log lines (``log``), or nothing."""
+    """Runs while the graph runs: the live view (``tty``), log lines (``log``), or nothing.
 
-    def __init__(self, rt: "Runtime", mode: str, interval: float, stream: TextIO = sys.stderr):
+    ``warnings``: the buffer of recent warnings the live view keeps on screen."""
+
+    def __init__(self, rt: "Runtime", mode: str, interval: float, stream: TextIO = sys.stderr,
+                 warnings: Any = None):
         self.rt, self.mode, self.interval, self.stream = rt, mode, interval, stream
+        self.warnings = warnings
         self._task: asyncio.Task[None] | None = None
 
     def _snapshot(self) -> dict[str, tuple[int, int]]:
         return {nid: (c.metrics.events_in, c.metrics.events_out)
                 for nid, c in self.rt.contexts.items()}
 
-    async def _loop(self) -> None:
+    async def _log_loop(self) -> None:
         prev, t_prev = self._snapshot(), time.monotonic()
-        period = 1.0 if self.mode == "tty" else self.interval
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self.interval)
             now = time.monotonic()
-            if self.mode == "tty":
-                self.stream.write("\x1b[H\x1b[J" + f"kvgraph {self.rt.graph.name}  "
-                                  f"up {now - self.rt.started_at:.0f} s   (Ctrl-C stops, "
-                                  "twice aborts)\n\n" + table(self.rt, prev, now - t_prev) + "\n")
-                self.stream.flush()
-            else:
-                log.info("status: %s", summary_line(self.rt, prev, now - t_prev))
+            log.info("status: %s", summary_line(self.rt, prev, now - t_prev))
             prev, t_prev = self._snapshot(), now
 
+    async def _live_loop(self) -> None:
+        """rich's Live redraws the view in place; log lines go above it (the handlers that
+        wrote to the terminal write through rich while it runs), and warnings stay in its
+        pane."""
+        from rich.console import Console
+        from rich.live import Live
+
+        from .live import render, snapshot
+        from .metrics import GraphCollector
+
+        collector = GraphCollector(self.rt)
+        prev = None
+        console = Console(file=self.stream)
+        with Live(console=console, auto_refresh=False, redirect_stderr=True,
+                  redirect_stdout=False) as live:
+            moved = _write_handlers_through(sys.stderr, self.stream)
+            try:
+                while True:
+                    snap = snapshot(collector.collect(), self.rt.graph.name,
+                                    self.warnings.current() if self.warnings else [])
+                    live.update(render(snap, prev), refresh=True)
+                    prev = snap
+                    await asyncio.sleep(1.0)
+            finally:
+                for handler, stream in moved:
+                    handler.setStream(stream)
+
     def start(self) -> None:
-        if self.mode in ("tty", "log"):
-            self._task = asyncio.create_task(self._loop(), name="kvgraph:status")
+        if self.mode == "tty":
+            self._task = asyncio.create_task(self._live_loop(), name="kvgraph:status")
+        elif self.mode == "log":
+            self._task = asyncio.create_task(self._log_loop(), name="kvgraph:status")
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            done, _ = await asyncio.wait((self._task,))
+            task = self._task
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("the status view failed: %s", task.exception())
+
+
+def _write_handlers_through(proxy: Any, original: Any) -> list[tuple[Any, Any]]:
+    """Point the logging handlers that write to ``original`` (the terminal) at ``proxy``
+    (rich's, which prints above the live view); returns what to restore."""
+    moved = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is original:
+            moved.append((handler, handler.setStream(proxy)))
+    return moved
 
 
 def totals(rt: "Runtime", result: "RunResult") -> str:
@@ -121,11 +160,13 @@ def totals(rt: "Runtime", result: "RunResult") -> str:
     return "\n".join(lines)
 
 
-async def serve_metrics(rt: "Runtime", host: str, port: int) -> Any:
+async def serve_metrics(rt: "Runtime", host: str, port: int, warnings: Any = None) -> Any:
     """``GET /metrics`` (and ``/``): the graph's metrics, process_* and python_*, in the
-    Prometheus text format or OpenMetrics (by the Accept header); ``.port``, ``await .close()``."""
+    Prometheus text format or OpenMetrics (by the Accept header); ``GET /warnings``: the
+    recent warnings and errors (JSON, for ``kvgraph top``). ``.port``, ``await .close()``."""
     from aiohttp import web
 
+    from .live import warnings_json
     from .metrics import exposition, registry_for
     from .webserver import application, serve
 
@@ -135,7 +176,12 @@ async def serve_metrics(rt: "Runtime", host: str, port: int) -> Any:
         body, content_type = exposition(registry, request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    async def recent(request: web.Request) -> web.Response:
+        return web.json_response({"graph": rt.graph.name,
+                                  "warnings": warnings_json(warnings) if warnings else []})
+
     app = application()
     app.router.add_get("/metrics", handle)
     app.router.add_get("/", handle)
+    app.router.add_get("/warnings", recent)
     return await serve(app, host, port)

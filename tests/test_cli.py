@@ -213,7 +213,7 @@ def on_a_terminal(graph: Path, background: bool, stdout_too: bool = True) -> str
     return seen.decode(errors="replace")
 
 
-SCREEN = "\x1b[H\x1b[J"
+SCREEN = "Ctrl-C stops (drains), twice aborts"   # the live view's footer
 
 
 @pytest.fixture

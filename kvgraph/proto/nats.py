@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Callable, Iterable, Mapping
 
-from ..node import JsonSchema, Problem, boolean, counter, number, one_or_many, string
+from ..node import (JsonSchema, Problem, boolean, counter, gauge, number, one_or_many,
+                    string)
 
 _URL = re.compile(r"^(nats|tls|ws|wss)://(?:[^@/\s]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)"
                   r"(?::(\d{1,5}))?/?$")
@@ -58,6 +60,8 @@ NATS_METRICS = {
     "disconnects": counter("Times the NATS connection dropped."),
     "reconnects": counter("Times it came back."),
     "connection_errors": counter("Errors the NATS client reported."),
+    "connected": gauge("1 while connected to NATS, 0 while the connection is down."),
+    "disconnected_since": gauge("Unix time the connection went down; 0 while connected."),
 }
 
 
@@ -126,18 +130,23 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
     if "max_pending_bytes" in config:
         opts["pending_size"] = config["max_pending_bytes"]
 
-    for name in ("disconnects", "reconnects", "connection_errors"):
+    for name in ("disconnects", "reconnects", "connection_errors", "disconnected_since"):
         metrics.extra.setdefault(name, 0)
+    metrics.extra["connected"] = 0
 
     async def disconnected() -> None:
         on_down()
         if closing():
             return
+        metrics.extra["connected"] = 0
+        metrics.extra["disconnected_since"] = time.time()
         metrics.extra["disconnects"] += 1
         log.warning("disconnected from NATS; reconnecting")
 
     async def reconnected() -> None:
         on_up()
+        metrics.extra["connected"] = 1
+        metrics.extra["disconnected_since"] = 0
         metrics.extra["reconnects"] += 1
         log.info("reconnected to NATS")
 
@@ -150,6 +159,7 @@ async def connect(config: Mapping[str, Any], log: Any, metrics: Any,
     log.info("connecting to NATS at %s", ", ".join(redact_url(u) for u in urls))
     nc = await nats.connect(**opts)
     nc.options["max_reconnect_attempts"] = config["max_reconnect_attempts"]
+    metrics.extra["connected"] = 1
     log.info("connected to NATS at %s", redact_url(str(nc.connected_url.geturl())
                                                    if nc.connected_url else urls[0]))
     return nc
