@@ -42,8 +42,12 @@ from .tasks import TaskOwner, Timer
 
 log = logging.getLogger("kvgraph")
 
-#: How often an idle sink confirms delivery (a flush); more often only under load.
-CONFIRM_INTERVAL_S = 0.05
+#: When sinks confirm delivery (a flush, a round trip): see _Unconfirmed.
+CONFIRM_INTERVAL_S = 0.05      # an idle sink confirms at most this often
+CONFIRM_EVERY_EVENTS = 8192    # a busy sink confirms after this many events...
+CONFIRM_EVERY_S = 0.25         # ...or this long since the last confirmation
+OUTAGE_RECHECK_S = 0.25        # an idle sink that cannot confirm looks again this often
+IDLE_RECHECK_S = 0.001         # the least wait before an idle sink looks again
 
 
 class RateLimitedLog:
@@ -503,41 +507,26 @@ class Runtime:
             ctx.close_outputs()
 
     async def _run_sink(self, node: Sink) -> None:
+        """Hand batches to the sink and confirm them (see :class:`_Unconfirmed`): written
+        events count as delivered only once a flush confirmed them."""
         ctx = node.ctx
         inbox = ctx.inbox
         assert inbox is not None
         m = ctx.metrics
-        pending = 0  # written, not yet confirmed by a flush
-        unconfirmed: list[Ack] = []
-        loop = asyncio.get_running_loop()
-        last_flush = loop.time()
-
-        async def confirm() -> None:
-            """Flush; what was pending now counts as delivered, and its acks are released."""
-            nonlocal pending, last_flush
-            await node.flush()
-            m.events_out += pending
-            pending = 0
-            release_all(unconfirmed)
-            unconfirmed.clear()
-            last_flush = loop.time()
-
+        held = _Unconfirmed(node)
         if node.serves and not inbox.channels:   # a server with no input: until stopped
             assert self._stopping is not None
             await self._stopping.wait()
         try:
             while True:
                 batch = inbox.get_nowait()
-                if batch is None:
-                    # Idle: confirm what was written, at most every CONFIRM_INTERVAL_S (a
-                    # confirmation is a round trip; delivery itself does not wait for it).
-                    due = last_flush + CONFIRM_INTERVAL_S - loop.time()
-                    if pending and node.can_confirm() and due <= 0:
-                        await confirm()
-                    if pending:  # confirm soon (or, in an outage, look again soon)
+                if batch is None:   # idle: confirm what was written, then wait for more
+                    if held.events and held.due_idle() <= 0 and node.can_confirm():
+                        await held.confirm()
+                    if held.events:   # confirm soon (or, in an outage, look again soon)
                         if inbox.exhausted:
                             break
-                        await inbox.wait(max(due, 0.25 if not node.can_confirm() else 0.001))
+                        await inbox.wait(held.next_look())
                         continue
                     batch = await inbox.get()
                     if batch is None:
@@ -551,32 +540,83 @@ class Runtime:
                     raise
                 except Exception as exc:
                     if not await self._handle_batch_error(node.id, batch, exc):
-                        if pending and node.can_confirm():  # written before the failure:
+                        if held.events and node.can_confirm():  # written before the failure:
                             with contextlib.suppress(Exception):  # delivered if confirmed
-                                await confirm()
-                        self.lost_events += pending + n  # the batch it failed on, too
-                        release_all(unconfirmed + list(acks_of(batch)), failed=True)
+                                await held.confirm()
+                        self.lost_events += held.events + n   # the batch it failed on, too
+                        held.fail(acks_of(batch))
                         await self._drain_dead(node.id)
                         return
                     release_all(acks_of(batch))  # rejected to errors: handled, not lost
                     continue
-                unconfirmed.extend(acks_of(batch))
-                pending += n - (m.errors + m.discarded_intentional - before)
-                if (pending >= 8192 or loop.time() - last_flush > 0.25) and node.can_confirm():
-                    await confirm()
-            if pending or unconfirmed:
-                await confirm()
+                # what the sink itself rejected or filtered is not waiting for confirmation
+                held.written(n - (m.errors + m.discarded_intentional - before), acks_of(batch))
+                if held.due_busy() and node.can_confirm():
+                    await held.confirm()
+            if held.events or held.acks:
+                await held.confirm()
         except asyncio.CancelledError:
-            self.lost_events += pending
-            if pending:
-                self.undelivered_nodes[node.id] = pending
+            self.lost_events += held.events
+            if held.events:
+                self.undelivered_nodes[node.id] = held.events
             raise
         except Exception as exc:  # flush failed: what was pending is not known delivered
-            self.lost_events += pending
+            self.lost_events += held.events
             self._fail(node.id, exc)
             await self._drain_dead(node.id)
         finally:
             ctx.close_outputs()
+
+
+class _Unconfirmed:
+    """What a sink was given and has not confirmed: an event count and the acks to release.
+
+    Invariant: ``events`` and ``acks`` are exactly what ``written`` added since the last
+    ``confirm`` (after which both are empty: the events count in ``events_out``, the acks are
+    released) or ``fail`` (the acks are released as failed). A confirmation is a round trip,
+    so it is asked for while busy every ``CONFIRM_EVERY_EVENTS`` events or
+    ``CONFIRM_EVERY_S``, and when idle at most every ``CONFIRM_INTERVAL_S``; while the sink
+    cannot confirm (an outage) the idle sink looks again every ``OUTAGE_RECHECK_S``.
+    """
+
+    __slots__ = ("node", "events", "acks", "last", "loop")
+
+    def __init__(self, node: Sink):
+        self.node = node
+        self.events = 0
+        self.acks: list[Ack] = []
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()   # of the last confirmation
+
+    def written(self, events: int, acks: tuple[Ack, ...]) -> None:
+        self.events += events
+        self.acks.extend(acks)
+
+    async def confirm(self) -> None:
+        """Flush; what was written now counts as delivered, and its acks are released."""
+        await self.node.flush()
+        self.node.ctx.metrics.events_out += self.events
+        self.events = 0
+        release_all(self.acks)
+        self.acks.clear()
+        self.last = self.loop.time()
+
+    def fail(self, more: tuple[Ack, ...]) -> None:
+        """The sink failed: nothing held will be confirmed."""
+        release_all(self.acks + list(more), failed=True)
+        self.acks.clear()
+
+    def due_busy(self) -> bool:
+        return self.events >= CONFIRM_EVERY_EVENTS or \
+            self.loop.time() - self.last > CONFIRM_EVERY_S
+
+    def due_idle(self) -> float:
+        """Seconds until an idle sink should confirm (<= 0: now)."""
+        return self.last + CONFIRM_INTERVAL_S - self.loop.time()
+
+    def next_look(self) -> float:
+        return max(self.due_idle(), OUTAGE_RECHECK_S if not self.node.can_confirm()
+                   else IDLE_RECHECK_S)
 
 
 async def run(graph: Graph, environ: Mapping[str, str] | None = None) -> RunResult:
