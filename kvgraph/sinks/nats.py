@@ -87,11 +87,12 @@ class NatsSink(NatsProbe, Sink):
 
     # -- runtime ------------------------------------------------------------------------------
     #
-    # Delivery: every message is kept in ``_unconfirmed`` until a flush (core NATS: PING/PONG)
-    # or its JetStream ack proves the server has it. A PONG proves only what was sent on the
-    # connection it came back on: every connection has a generation (``_gen``, one more at each
-    # disconnect), the messages sent so far carry the generation they were sent on
-    # (``_sent_gen``), and a flush confirms them only when no disconnect came between sending
+    # Delivery: every message is kept in ``self.pending`` (:class:`Pending`) until a flush
+    # (core NATS: PING/PONG, :class:`_CoreDelivery`) or its JetStream ack
+    # (:class:`_JetStreamDelivery`) proves the server has it. A PONG proves only what was sent
+    # on the connection it came back on: every connection has a generation (``_gen``, one more
+    # at each disconnect), the messages sent so far carry the generation they were sent on
+    # (``pending.sent_gen``), and a flush confirms them only when no disconnect came between sending
     # and the PONG (nats-py reconnects by itself, so a flush may be answered by a new
     # connection that never saw them). If the connection drops, nothing written since the last
     # confirmation counts as delivered: after the reconnect it is sent again, in
@@ -109,7 +110,7 @@ class NatsSink(NatsProbe, Sink):
         c = self.config
         self._dynamo, self._jsonl = dynamo, jsonl
         self._up = asyncio.Event()
-        self._gen = self._sent_gen = 0  # connection generations (see "Delivery" above)
+        self._gen = 0  # the connection's generation (see "Delivery" above)
         self.nc = await connect_node(self, on_up=self._up.set, on_down=self._connection_lost)
         self._up.set()
         self._subject = c["subject"]
@@ -121,16 +122,15 @@ class NatsSink(NatsProbe, Sink):
         self._encode = {"dynamo-json": self._encode_dynamo_json,
                         "dynamo-msgpack": self._encode_dynamo_msgpack,
                         "jsonl": self._encode_jsonl}[c["format"]]
-        # (subject, payload, events, msg id) written but not yet confirmed
-        self._unconfirmed: list[tuple[str, bytes, int, str]] = []
-        self._held_events = self._held_bytes = 0
-        self._sent = 0  # how many of _unconfirmed went out on the current connection
+        self.pending = Pending()
         self._msg_seq = 0
         for name in ("resent_messages", "held_events", "confirm_timeouts"):
             self.metrics.extra.setdefault(name, 0)
         self.js = None
+        self._delivery: _CoreDelivery | _JetStreamDelivery = _CoreDelivery(self)
         if c["jetstream"]:
             self.js = self.nc.jetstream(timeout=c["ack_timeout_s"])
+            self._delivery = _JetStreamDelivery(self)
             await self._ensure_stream()
 
     async def _ensure_stream(self) -> None:
@@ -266,8 +266,8 @@ class NatsSink(NatsProbe, Sink):
 
     def _over_bound(self) -> bool:
         c = self.config
-        return (self._held_events >= c["max_pending_events"]
-                or self._held_bytes >= c["max_pending_bytes"])
+        return self.pending.events >= c["max_pending_events"] or \
+            self.pending.bytes >= c["max_pending_bytes"]
 
     async def write(self, batch: list[Any]) -> None:
         if self.js is not None:
@@ -276,18 +276,16 @@ class NatsSink(NatsProbe, Sink):
             encoded, bad = self._encode(batch)
             messages = [(s, p, n, "") for s, p, n in encoded]
         await self.ctx.reject(bad)
-        for subject, payload, n, msg_id in messages:
+        for message in messages:
             while self._over_bound():
-                if self._up.is_set() and self.js is None:
+                if self._up.is_set() and self._delivery.confirms_to_make_room:
                     await self._confirm()       # make room by confirming what was sent
                 else:
                     await self._wait_up()       # the server is away: hold, then backpressure
-            self._unconfirmed.append((subject, payload, n, msg_id))
-            self._held_events += n
-            self._held_bytes += len(payload)
+            self.pending.add(message)
             if self._up.is_set():
                 await self._send_pending()
-        self.metrics.extra["held_events"] = self._held_events
+        self.metrics.extra["held_events"] = self.pending.events
 
     # JetStream message ids name a message's events, not their content. Events that carry
     # their origin (an engine's batch: worker, DP rank, seq and the batch's timestamp; a
@@ -321,51 +319,13 @@ class NatsSink(NatsProbe, Sink):
     async def _send_pending(self) -> None:
         """Send what this connection has not sent yet, in order."""
         try:
-            if self.js is not None:
-                await self._send_jetstream()
-                return
-            if self._sent_gen != self._gen:  # sent on a connection that is gone: again
-                self.metrics.extra["resent_messages"] += self._sent
-                self._sent, self._sent_gen = 0, self._gen
-            publish = self.nc.publish
-            pending = self._unconfirmed
-            while self._sent < len(pending):
-                subject, payload, _, _ = pending[self._sent]
-                await publish(subject, payload)
-                self._sent += 1
+            await self._delivery.send()
+        except NodeFailure:
+            raise
         except Exception as exc:  # the connection dropped while sending: resend later
             if self.nc.is_closed:
                 raise NodeFailure(f"NATS connection closed: {exc}") from exc
             self._up.clear()
-
-    async def _send_jetstream(self) -> None:
-        """Publish with acks; a message leaves ``_unconfirmed`` only once the stream has it."""
-        import asyncio
-        js, pending = self.js, self._unconfirmed
-        attempt = 0
-        while pending:
-            chunk = pending[:256]
-            results = await asyncio.gather(
-                *(js.publish(s, p, headers={"Nats-Msg-Id": mid}) for s, p, _, mid in chunk),
-                return_exceptions=True)
-            done = 0
-            for r in results:
-                if isinstance(r, BaseException):
-                    break
-                done += 1
-            for _, p, n, _ in chunk[:done]:
-                self._held_events -= n
-                self._held_bytes -= len(p)
-            del pending[:done]
-            if done < len(chunk):
-                attempt += 1
-                self.metrics.add("publish_retries")
-                self.log.problem("js-retry", "JetStream publish not acknowledged (%s); retrying",
-                                 results[done])
-                if self.nc.is_closed:
-                    raise NodeFailure("NATS connection closed with unacknowledged messages")
-                await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
-        self._sent = 0
 
     async def _wait_up(self) -> None:
         import asyncio
@@ -378,49 +338,13 @@ class NatsSink(NatsProbe, Sink):
                 if self.nc.is_closed:
                     raise NodeFailure("NATS connection closed for good") from None
         # Reconnected: everything unconfirmed may be lost with the old connection; send again
-        # (_send_pending sees the new generation).
-        if self._unconfirmed:
+        # (the delivery sees the new generation).
+        if self.pending.items:
             await self._send_pending()
 
     async def _confirm(self) -> None:
-        """Make sure the server has every message sent so far (a PING/PONG round trip)."""
-        while True:
-            if not self._up.is_set():
-                await self._wait_up()
-                continue
-            if self.js is not None:
-                await self._send_jetstream()
-                return
-            await self._send_pending()
-            if not self._up.is_set():
-                continue
-            gen = self._gen  # the PONG must come back on the connection that carried them
-            try:
-                await self.nc.flush(timeout=self.config["ack_timeout_s"])
-            except Exception as exc:
-                if self.nc.is_closed:
-                    raise NodeFailure(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
-                if self.nc.is_connected:
-                    # A slow or frozen server, not a lost connection (that calls the
-                    # disconnect callback): keep what was sent held, and ask again. Clearing
-                    # _up here would wait for a reconnect that never comes.
-                    self.metrics.add("confirm_timeouts")
-                    self.log.problem("confirm-timeout", "NATS has not confirmed %d held "
-                                     "event(s) within %ss (%s); still waiting",
-                                     self._held_events, self.config["ack_timeout_s"],
-                                     type(exc).__name__)
-                    continue
-                self._up.clear()  # the reconnect callback sets it again
-                continue
-            if not self._up.is_set() or self._gen != gen or self._sent_gen != gen:
-                continue  # a connection was lost since they were sent: send them again
-            for _, p, n, _ in self._unconfirmed[:self._sent]:
-                self._held_events -= n
-                self._held_bytes -= len(p)
-            del self._unconfirmed[:self._sent]
-            self._sent = 0
-            if not self._unconfirmed:
-                return
+        """Return once the server has every message written so far."""
+        await self._delivery.confirm()
 
     def can_confirm(self) -> bool:
         return self._up.is_set()
@@ -428,7 +352,7 @@ class NatsSink(NatsProbe, Sink):
     async def flush(self) -> None:
         """Return once the server has everything written (waits through an outage)."""
         await self._confirm()
-        self.metrics.extra["held_events"] = self._held_events
+        self.metrics.extra["held_events"] = self.pending.events
 
     async def stop(self) -> None:
         nc = getattr(self, "nc", None)
@@ -453,3 +377,135 @@ def _runs_by_origin(batch: list[Any]) -> list[tuple[tuple[Any, ...] | None, list
         else:
             runs.append((origin, [e]))
     return runs
+
+
+Message = tuple[str, bytes, int, str]   # subject, payload, events in it, JetStream msg id
+
+
+class Pending:
+    """Messages written and not yet confirmed by the server, oldest first.
+
+    Invariants: ``events`` and ``bytes`` are the sums over ``items``; ``0 <= sent <=
+    len(items)``, and the first ``sent`` items went out, in order, on the connection of
+    generation ``sent_gen``; items leave only from the front, once confirmed."""
+
+    __slots__ = ("items", "events", "bytes", "sent", "sent_gen")
+
+    def __init__(self) -> None:
+        self.items: list[Message] = []
+        self.events = self.bytes = 0
+        self.sent = self.sent_gen = 0
+
+    def add(self, message: Message) -> None:
+        self.items.append(message)
+        self.events += message[2]
+        self.bytes += len(message[1])
+
+    def drop_first(self, k: int) -> None:
+        """The first ``k`` are confirmed."""
+        for _, payload, n, _ in self.items[:k]:
+            self.events -= n
+            self.bytes -= len(payload)
+        del self.items[:k]
+        self.sent = max(0, self.sent - k)
+
+    def on_connection(self, gen: int) -> int:
+        """Sending on connection ``gen``: what went out on an older one must go again.
+        Returns how many messages that is."""
+        if self.sent_gen == gen:
+            return 0
+        again, self.sent, self.sent_gen = self.sent, 0, gen
+        return again
+
+
+class _CoreDelivery:
+    """Core NATS: publish in order; a PING/PONG on the same connection confirms what went out
+    (a confirmation answered by a newer connection confirms nothing)."""
+
+    confirms_to_make_room = True
+
+    def __init__(self, sink: NatsSink):
+        self.sink = sink
+
+    async def send(self) -> None:
+        sink, pending = self.sink, self.sink.pending
+        if pending.sent_gen != sink._gen:
+            sink.metrics.extra["resent_messages"] += pending.on_connection(sink._gen)
+        publish = sink.nc.publish
+        while pending.sent < len(pending.items):
+            subject, payload, _, _ = pending.items[pending.sent]
+            await publish(subject, payload)
+            pending.sent += 1
+
+    async def confirm(self) -> None:
+        sink, pending = self.sink, self.sink.pending
+        while True:
+            if not sink._up.is_set():
+                await sink._wait_up()
+                continue
+            await sink._send_pending()
+            if not sink._up.is_set():
+                continue
+            gen = sink._gen  # the PONG must come back on the connection that carried them
+            try:
+                await sink.nc.flush(timeout=sink.config["ack_timeout_s"])
+            except Exception as exc:
+                if sink.nc.is_closed:
+                    raise NodeFailure(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
+                if sink.nc.is_connected:
+                    # A slow or frozen server, not a lost connection (that calls the
+                    # disconnect callback): keep what was sent held, and ask again. Clearing
+                    # _up here would wait for a reconnect that never comes.
+                    sink.metrics.add("confirm_timeouts")
+                    sink.log.problem("confirm-timeout", "NATS has not confirmed %d held "
+                                     "event(s) within %ss (%s); still waiting", pending.events,
+                                     sink.config["ack_timeout_s"], type(exc).__name__)
+                    continue
+                sink._up.clear()  # the reconnect callback sets it again
+                continue
+            if not sink._up.is_set() or sink._gen != gen or pending.sent_gen != gen:
+                continue  # a connection was lost since they were sent: send them again
+            pending.drop_first(pending.sent)
+            if not pending.items:
+                return
+
+
+class _JetStreamDelivery:
+    """JetStream: publish with acks, 256 at a time; a message leaves ``pending`` only once the
+    stream acknowledged it (the msg id makes the stream drop a copy sent again)."""
+
+    confirms_to_make_room = False   # it waits for acks as it sends
+
+    def __init__(self, sink: NatsSink):
+        self.sink = sink
+
+    async def send(self) -> None:
+        import asyncio
+
+        sink, pending = self.sink, self.sink.pending
+        js = sink.js
+        attempt = 0
+        while pending.items:
+            chunk = pending.items[:256]
+            results = await asyncio.gather(
+                *(js.publish(s, p, headers={"Nats-Msg-Id": mid}) for s, p, _, mid in chunk),
+                return_exceptions=True)   # each result is read just below
+            done = next((i for i, r in enumerate(results) if isinstance(r, BaseException)),
+                        len(results))
+            pending.drop_first(done)
+            if done < len(chunk):
+                attempt += 1
+                sink.metrics.add("publish_retries")
+                sink.log.problem("js-retry", "JetStream publish not acknowledged (%s); "
+                                 "retrying", results[done])
+                if sink.nc.is_closed:
+                    raise NodeFailure("NATS connection closed with unacknowledged messages")
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
+        pending.sent = 0
+
+    async def confirm(self) -> None:
+        sink = self.sink
+        while not sink._up.is_set():
+            await sink._wait_up()
+        await self.send()   # returns once every message is acknowledged
+
