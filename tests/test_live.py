@@ -53,6 +53,8 @@ def up_seconds(shot: str) -> int:
 
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed (Debian: apt-get install tmux)")
 def test_the_live_view_keeps_the_disconnect_warning_through_an_outage(tmp_path) -> None:
+    """Three captures during the outage show the warning and DOWN; after the server is back,
+    the node is up and the warning is still there (it stays 10 minutes)."""
     server = NatsServer().start()
     graph = (GraphFile("watched").node("engines", "synthetic", rate=500)
              .node("router", "nats", url=server.url, subject="kv.live",
@@ -71,6 +73,9 @@ def test_the_live_view_keeps_the_disconnect_warning_through_an_outage(tmp_path) 
         for shot in shots:
             assert in_pane in shot and "DOWN" in shot, shot
         assert up_seconds(shots[-1]) > up_seconds(shots[0])
+        server.start(server.port)   # back: the node is up again, the warning stays on screen
+        back = term.wait(lambda s: "DOWN" not in s and " up" in s.split("router", 1)[-1])
+        assert in_pane in back, back
     finally:
         term.close()
         server.close()
