@@ -71,6 +71,13 @@ def describe(t: type[NodeType]) -> str:
         out.append(head)
         out += textwrap.wrap(s.get("description", ""), 96, initial_indent="      ",
                              subsequent_indent="      ")
+    if t.metrics:   # besides the contract every node has (events_in, events_out, errors...)
+        out += ["", "metrics (kvgraph_node_NAME, besides every node's):"]
+        for name, m in t.metrics.items():
+            suffix = "_total" if m.kind == "counter" else ""
+            out.append(f"  {name}{suffix}  ({m.kind})")
+            out += textwrap.wrap(m.help, 96, initial_indent="      ",
+                                 subsequent_indent="      ")
     out += ["", "example:", f"  [nodes.my_{t.name}]", f'  type = "{t.name}"']
     if len(registry.named(t.name)) > 1:
         out.append(f'  kind = "{t.kind}"   # needed only when the edges do not make it clear')

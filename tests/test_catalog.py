@@ -167,3 +167,10 @@ def test_checks_get_the_options_with_defaults_applied() -> None:
         assert seen == [{"every": 3}]
     finally:
         registry._types.pop(("test_defaults", Kind.SINK))
+
+
+def test_kvgraph_nodes_lists_the_metrics_a_type_adds() -> None:
+    from kvgraph.catalog import describe
+
+    page = describe(registry.get("zmq", Kind.SOURCE))
+    assert "seq_gaps_total  (counter)" in page and "read_ahead_bytes  (gauge)" in page
