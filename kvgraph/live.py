@@ -118,19 +118,14 @@ def snapshot(families: Iterable[Any], title: str, warnings: list[Warning_] | Non
     return snap
 
 
-def _fmt(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
-
-
 def render(snap: Snapshot, prev: Snapshot | None,
            footer: str = "Ctrl-C stops (drains), twice aborts") -> Any:
     """The view, as a rich renderable."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
+
+    from .status import human
 
     dt = snap.at - prev.at if prev is not None else 0.0
     head = Text(f"kvgraph {snap.title}   up {snap.up_s:.0f} s", style="bold")
@@ -151,11 +146,11 @@ def render(snap: Snapshot, prev: Snapshot | None,
         else:
             since = f" for {now - r.down_since:.0f} s" if r.down_since else ""
             conn = f"[bold red]DOWN{since}[/]"
-        nodes.add_row(nid, f"{r.kind} {r.type}".strip(), _fmt(rate_in), _fmt(rate_out),
-                      _fmt(r.events_in), _fmt(r.events_out),
-                      f"[red]{_fmt(r.errors)}[/]" if r.errors else "0", _fmt(r.filtered),
-                      f"[red]{_fmt(r.dropped)}[/]" if r.dropped else "0", _fmt(r.held),
-                      f"[bold red]{_fmt(r.lost)}[/]" if r.lost else "0", conn)
+        nodes.add_row(nid, f"{r.kind} {r.type}".strip(), human(rate_in), human(rate_out),
+                      human(r.events_in), human(r.events_out),
+                      f"[red]{human(r.errors)}[/]" if r.errors else "0", human(r.filtered),
+                      f"[red]{human(r.dropped)}[/]" if r.dropped else "0", human(r.held),
+                      f"[bold red]{human(r.lost)}[/]" if r.lost else "0", conn)
     parts: list[Any] = [head, Text(""), nodes]
     if snap.edges:
         edges = Table(box=None, pad_edge=False, header_style="bold")
@@ -163,9 +158,9 @@ def render(snap: Snapshot, prev: Snapshot | None,
             edges.add_column(col, justify="left" if col == "edge" else "right")
         for e in snap.edges.values():
             full = e.capacity and e.fill >= e.capacity
-            fill = f"{_fmt(e.fill)}/{_fmt(e.capacity)}"
-            edges.add_row(e.edge, f"[bold red]{fill}[/]" if full else fill, _fmt(e.peak),
-                          f"[red]{_fmt(e.dropped)}[/]" if e.dropped else "0")
+            fill = f"{human(e.fill)}/{human(e.capacity)}"
+            edges.add_row(e.edge, f"[bold red]{fill}[/]" if full else fill, human(e.peak),
+                          f"[red]{human(e.dropped)}[/]" if e.dropped else "0")
         parts += [Text(""), edges]
     parts.append(Text(""))
     if snap.warnings:

@@ -348,6 +348,11 @@ class PrefixIndex:
         wmap.clear()
         return n
 
+    def clear_worker(self, worker_id: int, dp_rank: int | None = None) -> None:
+        """Every rank of ``worker_id`` (or just ``dp_rank``) leaves the index."""
+        for w in [w for w in self._maps if w[0] == worker_id and dp_rank in (None, w[1])]:
+            self.clear(w)
+
     # -- queries ------------------------------------------------------------------------------
 
     def query_hashes(self, tokens_hashes: Iterable[int]) -> list[Score]:

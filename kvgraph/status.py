@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvgraph")
 
 
-def _fmt(n: float) -> str:
+def human(n: float) -> str:
+    """A count for a screen: 1234567 -> 1.2M."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.1f}{unit}"
@@ -35,8 +36,8 @@ def table(rt: "Runtime", prev: dict[str, tuple[int, int]] | None, dt: float) -> 
         rate_in = (m.events_in - p_in) / dt if dt > 0 else 0.0
         rate_out = (m.events_out - p_out) / dt if dt > 0 else 0.0
         disc = m.discarded_intentional + m.discarded_unintentional
-        rows.append((nid, f"{m.kind} {m.type}", _fmt(rate_in), _fmt(rate_out),
-                     _fmt(m.events_in), _fmt(m.events_out), _fmt(m.errors), _fmt(disc)))
+        rows.append((nid, f"{m.kind} {m.type}", human(rate_in), human(rate_out),
+                     human(m.events_in), human(m.events_out), human(m.errors), human(disc)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths))) for r in rows]
@@ -44,7 +45,7 @@ def table(rt: "Runtime", prev: dict[str, tuple[int, int]] | None, dt: float) -> 
         lines.append("")
         lines.append("edge fill (batches): " + "   ".join(
             f"{s.name} {s.current}/{s.capacity} (peak {s.peak}"
-            + (f", dropped {_fmt(s.dropped_events)}" if s.dropped_events else "") + ")"
+            + (f", dropped {human(s.dropped_events)}" if s.dropped_events else "") + ")"
             for s in (ch.statistics() for ch in rt.channels)))
     return "\n".join(lines)
 

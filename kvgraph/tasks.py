@@ -21,19 +21,14 @@ OnError = Callable[[str, BaseException], None]
 class Timer:
     """A pending :meth:`TaskOwner.call_later`; :meth:`cancel` before it fires drops it."""
 
-    __slots__ = ("_handle", "_task")
+    __slots__ = ("_handle",)
 
     def __init__(self) -> None:
         self._handle: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[Any] | None = None
 
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-
-    @property
-    def fired(self) -> bool:
-        return self._task is not None
 
 
 class TaskOwner:
@@ -59,7 +54,7 @@ class TaskOwner:
 
         def fire() -> None:
             if not self._closed:
-                timer._task = self.spawn(fn(), name)  # type: ignore[arg-type]
+                self.spawn(fn(), name)  # type: ignore[arg-type]
 
         timer._handle = asyncio.get_running_loop().call_later(delay, fire)
         return timer

@@ -21,7 +21,7 @@ from typing import Any
 def _metrics_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
-    base, _, path = url.partition("://")[2].partition("/")
+    path = url.partition("://")[2].partition("/")[2]
     return url if path else url.rstrip("/") + "/metrics"
 
 
@@ -47,7 +47,7 @@ def gather(urls: list[str], timeout: float = 2.0) -> tuple[Any, list[str]]:
     """One snapshot of every URL, combined; and the errors of those that did not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from .live import snapshot, warnings_from_json
+    from .live import Warning_, snapshot, warnings_from_json
 
     families: list[Any] = []
     warnings: list[Any] = []
@@ -61,8 +61,6 @@ def gather(urls: list[str], timeout: float = 2.0) -> tuple[Any, list[str]]:
         warnings += warnings_from_json(warns)
     warnings.sort(key=lambda w: -w.last)
     for err in errors:
-        from .live import Warning_
-
         now = time.time()
         warnings.insert(0, Warning_(f"no answer: {err}", "ERROR", now, now))
     title = ", ".join(urls) if len(urls) <= 2 else f"{len(urls)} endpoints"

@@ -78,8 +78,7 @@ class Partition:
 
     def remove_worker(self, worker_id: int, dp_rank: int | None = None) -> None:
         """What /unregister does: the worker's blocks go from every tier."""
-        for w in [w for w in self.device._maps if w[0] == worker_id and dp_rank in (None, w[1])]:
-            self.device.clear(w)
+        self.device.clear_worker(worker_id, dp_rank)
         for tier in self.lower.values():
             tier.clear(worker_id, dp_rank)
 

@@ -63,8 +63,8 @@ class _Feed(Sink):
 
 class Registry:
     def __init__(self, max_blocks: int, stats: dict[str, Any], log: Any,
-                 on_batch: Callable[[Partition, list[Any]], None], owner: str = "index",
-                 spawn: Callable[..., "asyncio.Task[Any]"] | None = None):
+                 on_batch: Callable[[Partition, list[Any]], None], owner: str,
+                 spawn: Callable[..., "asyncio.Task[Any]"]):
         self.partitions: dict[tuple[str, str], Partition] = {}
         self.registrations: dict[tuple[int, int], Registration] = {}
         self.peers: list[str] = []
@@ -111,8 +111,7 @@ class Registry:
         self.registrations[(instance_id, dp_rank)] = reg
         coro = self._listen(reg, part)
         name = f"listener-{instance_id}-{dp_rank}"
-        reg.task = self._spawn(coro, name) if self._spawn is not None else \
-            asyncio.get_running_loop().create_task(coro, name=name)
+        reg.task = self._spawn(coro, name)
         self.log.info("reading engine %d (dp_rank %d) at %s for %s", instance_id, dp_rank,
                       endpoint, part.key)
         return reg

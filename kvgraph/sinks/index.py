@@ -298,10 +298,6 @@ class IndexSink(Sink):
                         "events": msgspec_list(p.dump())}
                 for p in self.registry.partitions.values()}
 
-    @classmethod
-    def metrics_of(cls, name: str) -> Any:
-        return cls.metrics[name]
-
     def prometheus(self) -> str:
         from ..indexer.http_api import prometheus_http
 
@@ -320,7 +316,7 @@ class IndexSink(Sink):
                   f"dynamo_kvindexer_workers {len({r[0] for r in reg.registrations})}"]
         for name in ("blocks", "not_indexed", "unknown_removes", "rejected_stores",
                      "blocks_without_tokens"):
-            spec = self.metrics_of(name)
+            spec = type(self).metrics[name]   # (self.metrics is the node's counters)
             metric = f"kvgraph_index_{name}" + ("_total" if spec.kind == "counter" else "")
             lines += [f"# HELP {metric} {spec.help}", f"# TYPE {metric} {spec.kind}",
                       f"{metric} {self.metrics.extra.get(name, 0)}"]
