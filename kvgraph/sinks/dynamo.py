@@ -23,6 +23,8 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
+from ..codecs.dynamo import EnvelopeWriter
+from ..codecs.messages import MessageEncoder
 from ..node import Sink, integer, number, string
 from ..proto.dynamo_discovery import DISCOVERY_OPTIONS, DiscoveryProbe
 from ..proto.nats import CONNECTION_OPTIONS
@@ -94,13 +96,16 @@ class DynamoSink(DiscoveryProbe, Sink):
     async def start(self) -> None:
         import asyncio
 
-        from ..codecs import dynamo
         from ..proto.dynamo_discovery import Registration, open_discovery
         from ..proto.zmq import OwnContext
 
         c = self.config
-        self._dynamo = dynamo
-        self._ids = dynamo.EventIds()
+        # RouterEvents (ids, hashes, checks) as every bus sink makes them; only the envelope
+        # differs: one publisher per (worker, rank), below.
+        self._encoder = MessageEncoder(
+            self, "dynamo-msgpack", block_size=c["block_size"], storage_tier=True,
+            events_per_message=c["events_per_message"], max_bytes=lambda: 1 << 62, limit="",
+            hint="")
         self._publishers: dict[tuple[int, int], _Publisher] = {}
         self._nats: _NatsPlane | None = None
         self._registration = Registration(
@@ -130,7 +135,7 @@ class DynamoSink(DiscoveryProbe, Sink):
         sock.setsockopt(zmq.SNDHWM, c["hwm"])
         port = sock.bind_to_random_port(f"tcp://{c['bind_host']}")
         endpoint = f"tcp://{self._host}:{port}"
-        pub = _Publisher(sock, new_publisher_id(), self._dynamo.EnvelopeWriter)
+        pub = _Publisher(sock, new_publisher_id(), EnvelopeWriter)
         records = publisher_records(c["namespace"], c["component"], c["endpoint"], pub.id,
                                     worker_id, dp_rank,
                                     {"kind": "Zmq", "config": {"endpoint": endpoint}})
@@ -154,28 +159,16 @@ class DynamoSink(DiscoveryProbe, Sink):
         if self._nats is not None:
             await self._nats.write(batch)
             return
+        routers_all, _, bad = self._encoder.router_events(batch)
         groups: dict[tuple[int, int], list[Any]] = {}
-        for e in batch:
-            groups.setdefault((e.worker_id, e.dp_rank), []).append(e)
-        dynamo, bs, n = self._dynamo, self.config["block_size"], self.config["events_per_message"]
-        bad: list[Any] = []
+        for r in routers_all:
+            groups.setdefault((r.worker_id, r.event.dp_rank), []).append(r)
+        n = self.config["events_per_message"]
         now_ms = int(time.time() * 1000)
-        for key, events in groups.items():
+        for key, routers in groups.items():
             pub = self._publishers.get(key)
             if pub is None:
                 pub = self._publishers[key] = await self._publisher(*key)
-            routers = []
-            for e in events:
-                if e.group_idx:   # as Dynamo's relay: only the main KV group reaches routers
-                    self.metrics.extra["not_main_group"] = \
-                        self.metrics.extra.get("not_main_group", 0) + 1
-                    continue
-                try:
-                    hashes = dynamo.block_hashes_for(e, bs) if e.kind == "stored" else None
-                except dynamo.ConversionError as exc:
-                    bad.append(self.ctx.rejected(str(exc), e))
-                    continue
-                routers.append(dynamo.router_event(e, self._ids.next(*key), bs, True, hashes))
             for i in range(0, len(routers), n):
                 seq = pub.writer.sequence
                 envelope = pub.writer.encode(routers[i:i + n], now_ms)
@@ -233,26 +226,40 @@ class _NatsPlane(NatsSink):
             await owner._registration.put(publisher_records(
                 c["namespace"], c["component"], c["endpoint"], pid, *key,
                 {"kind": "Nats", "config": {"subject_prefix": prefix}}))
-            self._writers[key] = self._dynamo.EnvelopeWriter(pid)
+            self._writers[key] = EnvelopeWriter(pid)
             owner.metrics.extra["publishers"] += 1
             owner.log.info("worker %d rank %d: publisher %x on %s.kv-events, registered",
                            *key, pid, prefix)
         await super().write(batch)
 
-    def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
+    def _make_encoder(self) -> Any:
+        return _PlaneEncoder(self, super()._make_encoder())
+
+
+class _PlaneEncoder(MessageEncoder):
+    """The `nats` sink's encoder, but each (worker, rank) has its own publisher (id and
+    sequence), and their events never share an envelope."""
+
+    def __init__(self, plane: _NatsPlane, base: MessageEncoder):
+        self.__dict__.update(base.__dict__)
+        self.plane = plane
+        self.encode = self._encode_dynamo_msgpack
+
+    def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[tuple[Any, bytes, int]],
                                                                 list[Any]]:
-        routers, _, bad = self._router_events(batch)
+        routers, _, bad = self.router_events(batch)
         groups: dict[tuple[int, int], list[Any]] = {}
         for r in routers:
             groups.setdefault((r.worker_id, r.event.dp_rank), []).append(r)
-        now_ms, n, out = int(time.time() * 1000), self._per_message, []
+        now_ms, n, out = int(time.time() * 1000), self.per_message, []
+        plane = self.plane
         for key, items in groups.items():
-            writer = self._writers[key]
+            writer = plane._writers[key]
             for i in range(0, len(items), n):
                 fitted: list[tuple[bytes, int]] = []
-                self._fitted(items[i:i + n], writer.payload, writer.OVERHEAD, fitted, bad)
-                out += [(self._subject, writer.wrap(body, now_ms), k) for body, k in fitted]
-        self._owner.metrics.extra["messages_sent"] += len(out)
+                self.fitted(items[i:i + n], writer.payload, writer.OVERHEAD, fitted, bad)
+                out += [(plane._subject, writer.wrap(body, now_ms), k) for body, k in fitted]
+        plane._owner.metrics.extra["messages_sent"] += len(out)
         return out, bad
 
 

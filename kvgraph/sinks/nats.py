@@ -9,12 +9,10 @@ RouterEvents), ``dynamo-json`` (one RouterEvent JSON per message, the legacy sha
 from __future__ import annotations
 
 import re
-import time
 
 from typing import Any, Iterable, Mapping
 
 from ..errors import NodeFailure
-from ..event import STORED, Event
 from ..node import CheckContext, Sink, Problem, boolean, integer, number, string
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
 from ..proto.nats import NATS_METRICS
@@ -104,26 +102,18 @@ class NatsSink(NatsProbe, Sink):
 
     async def start(self) -> None:
         import asyncio
-        from ..codecs import dynamo, jsonl
         from ..proto.nats import connect_node
 
         c = self.config
-        self._dynamo, self._jsonl = dynamo, jsonl
         self._up = asyncio.Event()
         self._gen = 0  # the connection's generation (see "Delivery" above)
         self.nc = await connect_node(self, on_up=self._up.set, on_down=self._connection_lost)
         self._up.set()
         self._subject = c["subject"]
         self._templated = "{" in self._subject
-        self._ids = dynamo.EventIds()
-        self._envelope = dynamo.EnvelopeWriter()
-        self._per_message = min(c["events_per_message"], dynamo.MAX_EVENTS_PER_ENVELOPE) \
-            if c["format"] == "dynamo-msgpack" else c["events_per_message"]
-        self._encode = {"dynamo-json": self._encode_dynamo_json,
-                        "dynamo-msgpack": self._encode_dynamo_msgpack,
-                        "jsonl": self._encode_jsonl}[c["format"]]
+        self.encoder = self._make_encoder()
+        self._encode = self.encoder.encode
         self.pending = Pending()
-        self._msg_seq = 0
         for name in ("resent_messages", "held_events", "confirm_timeouts"):
             self.metrics.extra.setdefault(name, 0)
         self.js = None
@@ -152,115 +142,18 @@ class NatsSink(NatsProbe, Sink):
         return self._subject.format(worker_id=getattr(e, "worker_id", "unknown"),
                                     dp_rank=getattr(e, "dp_rank", "unknown"))
 
-    def _by_subject(self, items: list[Any]) -> dict[str, list[Any]]:
-        if not self._templated:
-            return {self._subject: items}
-        groups: dict[str, list[Any]] = {}
-        for e in items:
-            groups.setdefault(self._subject_of(e), []).append(e)
-        return groups
-
     # -- encoding -----------------------------------------------------------------------------
 
-    def _fitted(self, items: list[Any], encode: Any, margin: int,
-                out: list[tuple[bytes, int]], bad: list[Any]) -> None:
-        """Encode ``items`` as messages that fit the server's max_payload (1 MiB by default):
-        a message over it is cut in two, and so on; a single event over it cannot be sent
-        (the server would refuse it, and the connection with it), so it is a loss record on
-        `errors` and counted in `lost`. Encoded once when it fits, which is nearly always."""
-        body = encode(items)
-        limit = self.nc.max_payload - margin
-        if len(body) <= limit:
-            out.append((body, len(items)))
-        elif len(items) > 1:
-            half = len(items) // 2
-            self._fitted(items[:half], encode, margin, out, bad)
-            self._fitted(items[half:], encode, margin, out, bad)
-        else:
-            self.metrics.lost += 1
-            who = getattr(items[0], "worker_id", "?")
-            bad.append(self.ctx.rejected(
-                f"lost 1 event of worker {who}: its message of {len(body):,} bytes is over the "
-                f"NATS server's max_payload ({self.nc.max_payload:,} bytes); raise max_payload "
-                "in the server's configuration", items[0] if isinstance(items[0], Event)
-                else None))
+    def _make_encoder(self) -> Any:
+        from ..codecs.messages import MessageEncoder
 
-    def _encode_jsonl(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]], list[Any]]:
-        n = self._per_message
-        out: list[tuple[str, bytes, int]] = []
-        bad: list[Any] = []
-        for subject, items in self._by_subject(batch).items():
-            for i in range(0, len(items), n):
-                fitted: list[tuple[bytes, int]] = []
-                self._fitted(items[i:i + n], self._jsonl.encode_lines, 0, fitted, bad)
-                out += [(subject, body, k) for body, k in fitted]
-        return out, bad
-
-    def _router_events(self, batch: list[Any]) -> tuple[list[Any], list[Event], list[Any]]:
-        """RouterEvents for the events that convert (and those events, when the subject
-        depends on them); error records for the rest. Ids are taken only by events that are
-        sent, so they stay contiguous. This loop runs once per event: it keeps to locals."""
-        dynamo, bs, full = self._dynamo, self.config["block_size"], self.config["storage_tier"]
-        hashes_for, router_event, failed = (dynamo.block_hashes_for, dynamo.router_event,
-                                            dynamo.ConversionError)
-        last_id = self._ids.last
-        keep = self._templated
-        routers: list[Any] = []
-        sent: list[Event] = []
-        bad: list[Any] = []
-        for e in batch:
-            if type(e) is not Event and not isinstance(e, Event):
-                bad.append(self.ctx.rejected("not an event (an error record cannot be sent in "
-                                             "a Dynamo format; use format = \"jsonl\")"))
-                continue
-            if e.group_idx:   # as Dynamo's relay: only the main KV group reaches routers
-                self.metrics.extra["not_main_group"] = \
-                    self.metrics.extra.get("not_main_group", 0) + 1
-                continue
-            try:  # computed (and checked) before an event id is taken
-                hashes = hashes_for(e, bs) if e.kind == STORED else None
-            except failed as exc:
-                bad.append(self.ctx.rejected(str(exc), e))
-                continue
-            key = (e.worker_id, e.dp_rank)
-            event_id = last_id[key] = last_id.get(key, 0) + 1
-            routers.append(router_event(e, event_id, bs, full, hashes))
-            if keep:
-                sent.append(e)
-        return routers, sent, bad
-
-    def _encode_dynamo_json(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
-                                                             list[Any]]:
-        routers, sent, bad = self._router_events(batch)
-        enc = self._dynamo.encode_json
-        subjects = [self._subject_of(e) for e in sent] if self._templated \
-            else [self._subject] * len(routers)
-        out = []
-        for subject, r in zip(subjects, routers):
-            fitted: list[tuple[bytes, int]] = []
-            self._fitted([r], lambda one: enc(one[0]), 0, fitted, bad)
-            out += [(subject, body, k) for body, k in fitted]
-        return out, bad
-
-    def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int]],
-                                                                list[Any]]:
-        routers, sent, bad = self._router_events(batch)
-        n = self._per_message
-        now_ms = int(time.time() * 1000)
-        if self._templated:
-            groups: dict[str, list[Any]] = {}
-            for e, r in zip(sent, routers):
-                groups.setdefault(self._subject_of(e), []).append(r)
-        else:
-            groups = {self._subject: routers}
-        out = []
-        envelope = self._envelope
-        for subject, items in groups.items():
-            for i in range(0, len(items), n):
-                fitted: list[tuple[bytes, int]] = []
-                self._fitted(items[i:i + n], envelope.payload, envelope.OVERHEAD, fitted, bad)
-                out += [(subject, envelope.wrap(body, now_ms), k) for body, k in fitted]
-        return out, bad
+        c = self.config
+        return MessageEncoder(
+            self, c["format"], block_size=c["block_size"], storage_tier=c["storage_tier"],
+            events_per_message=c["events_per_message"], max_bytes=lambda: self.nc.max_payload,
+            limit="the NATS server's max_payload",
+            hint="raise max_payload in the server's configuration", key_of=self._subject_of if self._templated else None,
+            fixed_key=self._subject)
 
     # -- delivery -----------------------------------------------------------------------------
 
@@ -271,7 +164,7 @@ class NatsSink(NatsProbe, Sink):
 
     async def write(self, batch: list[Any]) -> None:
         if self.js is not None:
-            messages, bad = self._encode_identified(batch)
+            messages, bad = self.encoder.encode_identified(batch)
         else:
             encoded, bad = self._encode(batch)
             messages = [(s, p, n, "") for s, p, n in encoded]
@@ -286,35 +179,6 @@ class NatsSink(NatsProbe, Sink):
             if self._up.is_set():
                 await self._send_pending()
         self.metrics.extra["held_events"] = self.pending.events
-
-    # JetStream message ids name a message's events, not their content. Events that carry
-    # their origin (an engine's batch: worker, DP rank, seq and the batch's timestamp; a
-    # JetStream input message: its stream sequence) are cut into messages at origin
-    # boundaries, so that the same events always make the same messages, and the id is that
-    # origin plus the chunk's index: a copy sent again after a reconnect or a restart of
-    # kvgraph has the same id and the stream drops it, while distinct events, even identical
-    # ones, never share an id (the timestamp tells an engine's seq 0 from the seq 0 it sends
-    # after it restarts). Events with no origin (the api source, files without seq) get the
-    # publisher id and a sequence: unique, so never dropped, but not recognisable after a
-    # restart of kvgraph.
-
-    def _encode_identified(self, batch: list[Any]) -> tuple[list[tuple[str, bytes, int, str]],
-                                                            list[Any]]:
-        out: list[tuple[str, bytes, int, str]] = []
-        bad: list[Any] = []
-        for origin, run in _runs_by_origin(batch):
-            messages, rejected = self._encode(run)
-            bad += rejected
-            for chunk, (subject, payload, n) in enumerate(messages):
-                out.append((subject, payload, n, self._msg_id(origin, chunk)))
-        return out, bad
-
-    def _msg_id(self, origin: tuple[Any, ...] | None, chunk: int) -> str:
-        if origin is None:
-            self._msg_seq += 1
-            return f"{self._envelope.publisher_id:x}-{self._msg_seq}"
-        worker, rank, seq, ts = origin
-        return f"{worker}.{rank}.{seq}.{ts!r}.{chunk}"
 
     async def _send_pending(self) -> None:
         """Send what this connection has not sent yet, in order."""
@@ -363,20 +227,6 @@ class NatsSink(NatsProbe, Sink):
             except Exception:
                 pass
             await nc.close()
-
-
-def _runs_by_origin(batch: list[Any]) -> list[tuple[tuple[Any, ...] | None, list[Any]]]:
-    """Consecutive items of one origin (worker, DP rank, seq, ts); items with no seq (or not
-    events) have origin None."""
-    runs: list[tuple[tuple[Any, ...] | None, list[Any]]] = []
-    for e in batch:
-        seq = getattr(e, "seq", None)
-        origin = None if seq is None else (e.worker_id, e.dp_rank, seq, e.ts)
-        if runs and runs[-1][0] == origin:
-            runs[-1][1].append(e)
-        else:
-            runs.append((origin, [e]))
-    return runs
 
 
 Message = tuple[str, bytes, int, str]   # subject, payload, events in it, JetStream msg id

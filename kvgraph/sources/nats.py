@@ -11,8 +11,6 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Iterable, Mapping
 
-import msgspec
-
 from ..event import Event, Rejected
 from ..node import (CheckContext, Source, Problem, integer, number, string, worker_id,
                     worker_id_value)
@@ -20,8 +18,8 @@ from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check
 from ..proto.nats import NATS_METRICS
 from ..node import counter
 from ..registry import register
+from ..codecs.messages import FORMATS
 
-FORMATS = ["jsonl", "dynamo-json", "dynamo-msgpack"]
 
 
 @register
@@ -72,14 +70,15 @@ class NatsSource(NatsProbe, Source):
 
     async def start(self) -> None:
         import asyncio
-        from ..codecs import dynamo, jsonl
+        from ..codecs.messages import MessageDecoder
         from ..proto.nats import connect_node
 
         c = self.config
-        self._dynamo, self._jsonl = dynamo, jsonl
+        wid = c.get("worker_id")
+        self._decoder = MessageDecoder(self, c["format"],
+                                       None if wid is None else worker_id_value(wid))
         self._buf: deque[bytes] = deque()
         self._wake = asyncio.Event()
-        self.metrics.extra.setdefault("malformed", 0)
         self.nc = await connect_node(self)
         if c["jetstream"]:
             await self._start_jetstream()
@@ -159,9 +158,7 @@ class NatsSource(NatsProbe, Source):
                     continue
                 inflight.add(seq)
                 fresh.append(msg)
-                first = len(events)
-                self._decode(msg.data, events, rejected)
-                events[first:] = self._stamped(events[first:], seq)
+                self._decoder.decode(msg.data, events, rejected, origin=seq)
             if not fresh:
                 continue
             ack = Ack(lambda m=fresh: self._settle(m, True), lambda m=fresh: self._settle(m, False))
@@ -169,24 +166,6 @@ class NatsSource(NatsProbe, Source):
             await self.ctx.emit(events, acks=(ack,))
             await self.ctx.reject(rejected)  # malformed: reported, and acked (no retry helps)
             ack.release()
-
-    def _stamped(self, events: list[Event], stream_seq: int | None = None) -> list[Event]:
-        """The ``worker_id`` override, and (JetStream) the origin of events that carry none:
-        the input message's stream sequence as their ``seq``, so that a sink's message ids
-        stay the same when the message is delivered again (after a restart of kvgraph)."""
-        wid = self.config.get("worker_id")
-        wid = None if wid is None else worker_id_value(wid)
-        if wid is None and stream_seq is None:
-            return events
-        out = []
-        for e in events:
-            changes: dict[str, Any] = {}
-            if wid is not None:
-                changes["worker_id"] = wid
-            if stream_seq is not None and e.seq is None:
-                changes["seq"] = stream_seq
-            out.append(msgspec.structs.replace(e, **changes) if changes else e)
-        return out
 
     def _settle(self, msgs: list[Any], ok: bool) -> None:
         import asyncio
@@ -211,21 +190,6 @@ class NatsSource(NatsProbe, Source):
         if hasattr(self, "_wake"):
             self._wake.set()
 
-    def _decode(self, body: bytes, events: list[Event], rejected: list[Rejected]) -> None:
-        fmt = self.config["format"]
-        try:
-            if fmt == "jsonl":
-                events.extend(self._jsonl.decode_line(line) for line in body.splitlines()
-                              if line.strip())
-            elif fmt == "dynamo-json":
-                events.append(self._dynamo.decode_router_json(body))
-            else:
-                events.extend(self._dynamo.decode_envelope(body)[2])
-        except (ValueError, msgspec.DecodeError) as exc:
-            self.metrics.extra["malformed"] += 1
-            rejected.append(self.ctx.rejected(f"malformed {fmt} message: {exc}",
-                                              raw=body[:4096]))
-
     async def run(self) -> None:
         if self.config["jetstream"]:
             await self._run_jetstream()
@@ -248,9 +212,9 @@ class NatsSource(NatsProbe, Source):
         events: list[Event] = []
         rejected: list[Rejected] = []
         buf = self._buf
+        decode = self._decoder.decode
         while buf and len(events) < 4096:
-            self._decode(buf.popleft(), events, rejected)
-        events = self._stamped(events)
+            decode(buf.popleft(), events, rejected)
         self.metrics.events_in += len(events)
         await self.ctx.emit(events)
         await self.ctx.reject(rejected)

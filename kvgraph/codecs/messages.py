@@ -1,0 +1,256 @@
+"""Events as broker messages, and back: the three message formats every bus node speaks.
+
+``jsonl`` (kvgraph's event lines, several per message), ``dynamo-json`` (one legacy RouterEvent
+per message) and ``dynamo-msgpack`` (Dynamo 1.6.1's event-plane envelope of up to 128
+RouterEvents). The ``nats``, ``redis`` and ``kafka`` nodes differ in how a message travels,
+not in what it holds, so the encoding (with its size limit and its idempotency ids) and the
+decoding live here once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Hashable
+
+import msgspec
+
+from ..event import STORED, Event, Rejected
+from . import dynamo, jsonl
+
+FORMATS = ["jsonl", "dynamo-json", "dynamo-msgpack"]
+
+#: A message ready to send: its key (a subject, a partition key...), its bytes, and how many
+#: events it holds.
+Encoded = tuple[Any, bytes, int]
+#: The same with an idempotency id (see :meth:`MessageEncoder.encode_identified`).
+Identified = tuple[Any, bytes, int, str]
+
+
+class MessageEncoder:
+    """Cuts batches of events into messages of one format, grouped by ``key_of(event)``.
+
+    ``node`` is the sink (its ``ctx.rejected`` builds error records, its metrics count losses
+    and events of other KV groups); ``max_bytes()`` is the largest message the bus takes, and
+    ``limit`` says in words what sets it and ``hint`` how to raise it, for the error when
+    one event alone is over it.
+    ``key_of`` None puts every event under the key ``fixed_key``.
+    """
+
+    def __init__(self, node: Any, fmt: str, *, block_size: int, storage_tier: bool,
+                 events_per_message: int, max_bytes: Callable[[], int], limit: str, hint: str,
+                 key_of: Callable[[Any], Hashable] | None = None, fixed_key: Any = None):
+        self.node, self.format = node, fmt
+        self.block_size, self.storage_tier = block_size, storage_tier
+        self.per_message = min(events_per_message, dynamo.MAX_EVENTS_PER_ENVELOPE) \
+            if fmt == "dynamo-msgpack" else events_per_message
+        self.max_bytes, self.limit, self.hint = max_bytes, limit, hint
+        self.key_of, self.fixed_key = key_of, fixed_key
+        self.ids = dynamo.EventIds()
+        self.envelope = dynamo.EnvelopeWriter()
+        self._msg_seq = 0
+        self.encode: Callable[[list[Any]], tuple[list[Encoded], list[Any]]] = {
+            "dynamo-json": self._encode_dynamo_json, "dynamo-msgpack": self._encode_dynamo_msgpack,
+            "jsonl": self._encode_jsonl}[fmt]
+
+    # -- grouping -----------------------------------------------------------------------------
+
+    def _by_key(self, items: list[Any], keys: list[Any] | None = None) -> dict[Any, list[Any]]:
+        """``items`` by key, in order; ``keys`` (the events the items came from) when the
+        items are RouterEvents."""
+        if self.key_of is None:
+            return {self.fixed_key: items}
+        key_of = self.key_of
+        groups: dict[Any, list[Any]] = {}
+        for item, e in zip(items, keys if keys is not None else items):
+            groups.setdefault(key_of(e), []).append(item)
+        return groups
+
+    # -- size ---------------------------------------------------------------------------------
+
+    def fitted(self, items: list[Any], encode: Callable[[list[Any]], bytes], margin: int,
+               out: list[tuple[bytes, int]], bad: list[Any]) -> None:
+        """Encode ``items`` as messages that fit ``max_bytes()``: a message over it is cut in
+        two, and so on; a single event over it cannot be sent (the bus would refuse it), so it
+        is a loss record on `errors` and counted in `lost`. Encoded once when it fits, which
+        is nearly always."""
+        body = encode(items)
+        limit = self.max_bytes() - margin
+        if len(body) <= limit:
+            out.append((body, len(items)))
+        elif len(items) > 1:
+            half = len(items) // 2
+            self.fitted(items[:half], encode, margin, out, bad)
+            self.fitted(items[half:], encode, margin, out, bad)
+        else:
+            self.node.metrics.lost += 1
+            who = getattr(items[0], "worker_id", "?")
+            bad.append(self.node.ctx.rejected(
+                f"lost 1 event of worker {who}: its message of {len(body):,} bytes is over "
+                f"{self.limit} ({self.max_bytes():,} bytes); {self.hint}",
+                items[0] if isinstance(items[0], Event) else None))
+
+    # -- formats ------------------------------------------------------------------------------
+
+    def _encode_jsonl(self, batch: list[Any]) -> tuple[list[Encoded], list[Any]]:
+        n = self.per_message
+        out: list[Encoded] = []
+        bad: list[Any] = []
+        for key, items in self._by_key(batch).items():
+            for i in range(0, len(items), n):
+                fitted: list[tuple[bytes, int]] = []
+                self.fitted(items[i:i + n], jsonl.encode_lines, 0, fitted, bad)
+                out += [(key, body, k) for body, k in fitted]
+        return out, bad
+
+    def router_events(self, batch: list[Any]) -> tuple[list[Any], list[Event], list[Any]]:
+        """RouterEvents for the events that convert (and those events, when messages are
+        grouped by key); error records for the rest. Ids are taken only by events that are
+        sent, so they stay contiguous. This loop runs once per event: it keeps to locals."""
+        node, bs, full = self.node, self.block_size, self.storage_tier
+        hashes_for, router_event, failed = (dynamo.block_hashes_for, dynamo.router_event,
+                                            dynamo.ConversionError)
+        last_id = self.ids.last
+        keep = self.key_of is not None
+        routers: list[Any] = []
+        sent: list[Event] = []
+        bad: list[Any] = []
+        for e in batch:
+            if type(e) is not Event and not isinstance(e, Event):
+                bad.append(node.ctx.rejected("not an event (an error record cannot be sent in "
+                                             "a Dynamo format; use format = \"jsonl\")"))
+                continue
+            if e.group_idx:   # as Dynamo's relay: only the main KV group reaches routers
+                node.metrics.extra["not_main_group"] = \
+                    node.metrics.extra.get("not_main_group", 0) + 1
+                continue
+            try:  # computed (and checked) before an event id is taken
+                hashes = hashes_for(e, bs) if e.kind == STORED else None
+            except failed as exc:
+                bad.append(node.ctx.rejected(str(exc), e))
+                continue
+            key = (e.worker_id, e.dp_rank)
+            event_id = last_id[key] = last_id.get(key, 0) + 1
+            routers.append(router_event(e, event_id, bs, full, hashes))
+            if keep:
+                sent.append(e)
+        return routers, sent, bad
+
+    def _encode_dynamo_json(self, batch: list[Any]) -> tuple[list[Encoded], list[Any]]:
+        routers, sent, bad = self.router_events(batch)
+        enc = dynamo.encode_json
+        out: list[Encoded] = []
+        for key, items in self._by_key(routers, sent).items():
+            for r in items:
+                fitted: list[tuple[bytes, int]] = []
+                self.fitted([r], lambda one: enc(one[0]), 0, fitted, bad)
+                out += [(key, body, k) for body, k in fitted]
+        return out, bad
+
+    def _encode_dynamo_msgpack(self, batch: list[Any]) -> tuple[list[Encoded], list[Any]]:
+        routers, sent, bad = self.router_events(batch)
+        n = self.per_message
+        now_ms = int(time.time() * 1000)
+        out: list[Encoded] = []
+        envelope = self.envelope
+        for key, items in self._by_key(routers, sent).items():
+            for i in range(0, len(items), n):
+                fitted: list[tuple[bytes, int]] = []
+                self.fitted(items[i:i + n], envelope.payload, envelope.OVERHEAD, fitted, bad)
+                out += [(key, envelope.wrap(body, now_ms), k) for body, k in fitted]
+        return out, bad
+
+    # -- idempotency ids ----------------------------------------------------------------------
+    #
+    # A message id names a message's events, not their content. Events that carry their origin
+    # (an engine's batch: worker, DP rank, seq and the batch's timestamp; a message read from a
+    # durable bus: its position there, see MessageDecoder) are cut into messages at origin
+    # boundaries, so that the same events always make the same messages, and the id is that
+    # origin plus the chunk's index: a copy sent again after a reconnect or a restart of
+    # kvgraph has the same id (JetStream drops it; a Redis or Kafka reader can), while distinct
+    # events, even identical ones, never share an id (the timestamp tells an engine's seq 0
+    # from the seq 0 it sends after it restarts). Events with no origin (the api source, files
+    # without seq) get the publisher id and a sequence: unique, so never dropped, but not
+    # recognisable after a restart of kvgraph.
+
+    def encode_identified(self, batch: list[Any]) -> tuple[list[Identified], list[Any]]:
+        out: list[Identified] = []
+        bad: list[Any] = []
+        for origin, run in runs_by_origin(batch):
+            messages, rejected = self.encode(run)
+            bad += rejected
+            for chunk, (key, payload, n) in enumerate(messages):
+                out.append((key, payload, n, self._msg_id(origin, chunk)))
+        return out, bad
+
+    def _msg_id(self, origin: tuple[Any, ...] | None, chunk: int) -> str:
+        if origin is None:
+            self._msg_seq += 1
+            return f"{self.envelope.publisher_id:x}-{self._msg_seq}"
+        worker, rank, seq, ts = origin
+        return f"{worker}.{rank}.{seq}.{ts!r}.{chunk}"
+
+
+def runs_by_origin(batch: list[Any]) -> list[tuple[tuple[Any, ...] | None, list[Any]]]:
+    """Consecutive items of one origin (worker, DP rank, seq, ts); items with no seq (or not
+    events) have origin None."""
+    runs: list[tuple[tuple[Any, ...] | None, list[Any]]] = []
+    for e in batch:
+        seq = getattr(e, "seq", None)
+        origin = None if seq is None else (e.worker_id, e.dp_rank, seq, e.ts)
+        if runs and runs[-1][0] == origin:
+            runs[-1][1].append(e)
+        else:
+            runs.append((origin, [e]))
+    return runs
+
+
+class MessageDecoder:
+    """Messages of one format -> events; a message that does not decode is one error record
+    (with its first 4 KiB) and counted in the node's ``malformed``.
+
+    ``worker_id`` overrides the worker of every event. ``origin`` (given per message by a
+    source that reads a durable bus: a stream sequence, an offset) becomes the ``seq`` of
+    events that carry none, so that a sink's message ids stay the same when the message is
+    read again after a restart of kvgraph."""
+
+    def __init__(self, node: Any, fmt: str, worker_id: int | None = None):
+        self.node, self.format, self.worker_id = node, fmt, worker_id
+        node.metrics.extra.setdefault("malformed", 0)
+
+    def decode(self, body: bytes, events: list[Event], rejected: list[Rejected],
+               origin: int | None = None) -> None:
+        first = len(events)
+        fmt = self.format
+        if fmt == "jsonl":  # line by line: one bad line costs that line only
+            for line in body.splitlines():
+                if line.strip():
+                    try:
+                        events.append(jsonl.decode_line(line))
+                    except ValueError as exc:
+                        self._malformed(line, exc, rejected)
+        else:
+            try:
+                events.extend([dynamo.decode_router_json(body)] if fmt == "dynamo-json"
+                              else dynamo.decode_envelope(body)[2])
+            except (ValueError, msgspec.DecodeError) as exc:
+                self._malformed(body, exc, rejected)
+                return
+        if self.worker_id is not None or origin is not None:
+            events[first:] = self._stamped(events[first:], origin)
+
+    def _malformed(self, raw: bytes, exc: Exception, rejected: list[Rejected]) -> None:
+        self.node.metrics.extra["malformed"] += 1
+        rejected.append(self.node.ctx.rejected(f"malformed {self.format} message: {exc}",
+                                               raw=raw[:4096]))
+
+    def _stamped(self, events: list[Event], origin: int | None) -> list[Event]:
+        wid = self.worker_id
+        out = []
+        for e in events:
+            changes: dict[str, Any] = {}
+            if wid is not None:
+                changes["worker_id"] = wid
+            if origin is not None and e.seq is None:
+                changes["seq"] = origin
+            out.append(msgspec.structs.replace(e, **changes) if changes else e)
+        return out
