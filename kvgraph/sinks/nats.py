@@ -13,13 +13,14 @@ import re
 from typing import Any, Iterable, Mapping
 
 from ..errors import NodeFailure
-from ..node import CheckContext, Sink, Problem, boolean, integer, number, string
+from ..node import CheckContext, Sink, Problem, number, string
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
 from ..proto.nats import NATS_METRICS
 from ..node import counter, gauge
 from ..registry import register
+from ..codecs.messages import encoding_options
+from ._pending import PENDING_OPTIONS, Pending
 
-FORMATS = ["dynamo-msgpack", "dynamo-json", "jsonl"]
 PLACEHOLDERS = ("worker_id", "dp_rank")
 _FIELD = re.compile(r"\{([^{}]*)\}")
 
@@ -43,26 +44,13 @@ class NatsSink(NatsProbe, Sink):
         "subject": string("Subject template; may use {worker_id} and {dp_rank}.", min_length=1,
                           examples=["namespace.dynamo.component.backend.endpoint.generate"
                                     ".kv-events"]),
-        "format": string("Message format: `dynamo-msgpack` (Dynamo 1.6.1), `dynamo-json` "
-                         "(legacy RouterEvent JSON) or `jsonl`.", "dynamo-msgpack",
-                         enum=FORMATS),
-        "block_size": integer("Tokens per block for Dynamo's tokens_hash; must match the "
-                              "engine.", 16, minimum=1),
-        "events_per_message": integer("Most events in one message (dynamo-msgpack, jsonl).", 128,
-                                      minimum=1, maximum=65_536),
+        **encoding_options("dynamo-msgpack"),
         **JETSTREAM_OPTIONS,
         "dedup_window_s": number("JetStream duplicate window: retries carry message ids.", 0,
                                  minimum=0),
         "ack_timeout_s": number("How long to wait for a JetStream publish ack before retrying.",
                                 5.0, exclusive_minimum=0),
-        "max_pending_events": integer("Events written but not yet confirmed by the server (held "
-                                      "through an outage); past it the sink waits and the "
-                                      "input edge's when_full applies.", 100_000, minimum=1),
-        "max_pending_bytes": integer("The same bound in bytes.", 64 * 1024 * 1024,
-                                     minimum=1024),
-        "storage_tier": boolean("Write storage_tier, residency_domain and dp_rank (Dynamo "
-                                "1.6.1 fields); false writes the minimal legacy RouterEvent.",
-                                True),
+        **PENDING_OPTIONS,
     }
     required = ("subject",)
     example = ('url = "nats://127.0.0.1:4222"\n'
@@ -157,11 +145,6 @@ class NatsSink(NatsProbe, Sink):
 
     # -- delivery -----------------------------------------------------------------------------
 
-    def _over_bound(self) -> bool:
-        c = self.config
-        return self.pending.events >= c["max_pending_events"] or \
-            self.pending.bytes >= c["max_pending_bytes"]
-
     async def write(self, batch: list[Any]) -> None:
         if self.js is not None:
             messages, bad = self.encoder.encode_identified(batch)
@@ -170,7 +153,7 @@ class NatsSink(NatsProbe, Sink):
             messages = [(s, p, n, "") for s, p, n in encoded]
         await self.ctx.reject(bad)
         for message in messages:
-            while self._over_bound():
+            while self.pending.over(self.config):
                 if self._up.is_set() and self._delivery.confirms_to_make_room:
                     await self._confirm()       # make room by confirming what was sent
                 else:
@@ -227,45 +210,6 @@ class NatsSink(NatsProbe, Sink):
             except Exception:
                 pass
             await nc.close()
-
-
-Message = tuple[str, bytes, int, str]   # subject, payload, events in it, JetStream msg id
-
-
-class Pending:
-    """Messages written and not yet confirmed by the server, oldest first.
-
-    Invariants: ``events`` and ``bytes`` are the sums over ``items``; ``0 <= sent <=
-    len(items)``, and the first ``sent`` items went out, in order, on the connection of
-    generation ``sent_gen``; items leave only from the front, once confirmed."""
-
-    __slots__ = ("items", "events", "bytes", "sent", "sent_gen")
-
-    def __init__(self) -> None:
-        self.items: list[Message] = []
-        self.events = self.bytes = 0
-        self.sent = self.sent_gen = 0
-
-    def add(self, message: Message) -> None:
-        self.items.append(message)
-        self.events += message[2]
-        self.bytes += len(message[1])
-
-    def drop_first(self, k: int) -> None:
-        """The first ``k`` are confirmed."""
-        for _, payload, n, _ in self.items[:k]:
-            self.events -= n
-            self.bytes -= len(payload)
-        del self.items[:k]
-        self.sent = max(0, self.sent - k)
-
-    def on_connection(self, gen: int) -> int:
-        """Sending on connection ``gen``: what went out on an older one must go again.
-        Returns how many messages that is."""
-        if self.sent_gen == gen:
-            return 0
-        again, self.sent, self.sent_gen = self.sent, 0, gen
-        return again
 
 
 class _CoreDelivery:

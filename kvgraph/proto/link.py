@@ -1,0 +1,62 @@
+"""A node's connection to a broker, as operators see it: up or down, since when, how often.
+
+The ``redis`` and ``kafka`` nodes learn that their broker is away from a failed call (their
+clients have no disconnect callback, unlike nats-py); :class:`Link` turns those calls into the
+same gauges and counters the ``nats`` nodes show, so that ``kvgraph top``, the live view and
+Prometheus read every bus the same way, and into one warning per outage, not one per call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..node import counter, gauge
+
+LINK_METRICS = {
+    "disconnects": counter("Times the connection to the broker was found broken."),
+    "reconnects": counter("Times it came back."),
+    "connected": gauge("1 while the broker answers, 0 while it does not."),
+    "disconnected_since": gauge("Unix time the connection went down; 0 while connected."),
+}
+
+
+class Link:
+    """The state of one node's connection to ``what`` (a broker, in words for the log)."""
+
+    def __init__(self, node: Any, what: str):
+        self.node, self.what = node, what
+        extra = node.metrics.extra
+        for name in ("disconnects", "reconnects", "disconnected_since"):
+            extra.setdefault(name, 0)
+        extra["connected"] = 1
+        self.up = True
+        self.wait_s = 0.0   # the next backoff (see backoff())
+
+    def down(self, exc: BaseException) -> None:
+        """A call failed for want of the broker."""
+        if not self.up:
+            return
+        self.up = False
+        extra = self.node.metrics.extra
+        extra["connected"] = 0
+        extra["disconnected_since"] = time.time()
+        extra["disconnects"] += 1
+        self.node.log.warning("lost %s (%s: %s); retrying", self.what, type(exc).__name__, exc)
+
+    def ok(self) -> None:
+        """A call succeeded."""
+        self.wait_s = 0.0
+        if self.up:
+            return
+        self.up = True
+        extra = self.node.metrics.extra
+        extra["connected"] = 1
+        extra["disconnected_since"] = 0
+        extra["reconnects"] += 1
+        self.node.log.info("%s is back", self.what)
+
+    def backoff(self, first: float, most: float = 5.0) -> float:
+        """Seconds to wait before the next attempt: ``first``, doubling up to ``most``."""
+        self.wait_s = min(most, self.wait_s * 2) if self.wait_s else first
+        return self.wait_s
