@@ -43,7 +43,7 @@ from .helpers import ROOT
 README = ROOT / "README.md"
 #: Ports the README and the example graphs use; each test gets free ones instead.
 WELL_KNOWN_PORTS = (4222, 5557, 5558, 5600, 8090, 8091, 9464, 5507, 5508, 5517, 5518, 5527,
-                    5528, 5537, 5538)
+                    5528, 5537, 5538, 6379, 9092)
 _MARKER = re.compile(r"^<!-- test: (.*?) -->$")
 _FENCE = re.compile(r"^```(\w*)\s*$")
 COMMAND_LANGS = ("sh", "python")

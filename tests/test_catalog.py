@@ -14,9 +14,9 @@ from kvgraph.schema import graph_schema
 from .helpers import GRAPHS, ROOT
 
 CATALOG = {
-    "source": {"zmq", "api", "nats", "file", "synthetic", "dynamo"},
+    "source": {"zmq", "api", "nats", "file", "synthetic", "dynamo", "redis", "kafka"},
     "transform": {"filter", "dedup", "batch", "python"},
-    "sink": {"nats", "zmq", "file", "stdout", "null", "index", "dynamo"},
+    "sink": {"nats", "zmq", "file", "stdout", "null", "index", "dynamo", "redis", "kafka"},
 }
 REQUIRED_OPTIONS = {
     ("source", "zmq"): {"endpoint", "topic", "bind", "replay_endpoint", "worker_id",
@@ -34,6 +34,10 @@ REQUIRED_OPTIONS = {
     ("sink", "dynamo"): {"namespace", "component", "endpoint", "transport", "discovery",
                          "discovery_path", "etcd_endpoints"},
     ("sink", "file"): {"path"},
+    ("sink", "redis"): {"url", "stream", "format"},
+    ("source", "redis"): {"url", "stream", "group", "consumer", "format"},
+    ("sink", "kafka"): {"bootstrap_servers", "topic", "format"},
+    ("source", "kafka"): {"bootstrap_servers", "topic", "group_id", "format"},
 }
 
 

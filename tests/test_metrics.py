@@ -17,7 +17,7 @@ import pytest
 
 from kvgraph import registry
 from kvgraph.node import Kind
-from kvgraph.testing import NatsServer, free_port, terminate
+from kvgraph.testing import KafkaBroker, NatsServer, RedisServer, free_port, terminate
 
 from .helpers import FIXTURES, ROOT, GraphFile
 
@@ -25,7 +25,7 @@ PROMTOOL = shutil.which("promtool")
 NO_PROMTOOL = "promtool is not installed (Debian: apt-get install prometheus)"
 
 
-def every_type_graph(tmp: Path, nats_url: str) -> GraphFile:
+def every_type_graph(tmp: Path, nats_url: str, redis_url: str, kafka: str) -> GraphFile:
     """One node of every type that `kvgraph nodes` lists, wired into one graph."""
     (tmp / "fn.py").write_text("def keep(batch):\n    return batch\n")
     recording = sorted(FIXTURES.glob("vllm-*"))[0] / "live.jsonl"
@@ -38,6 +38,9 @@ def every_type_graph(tmp: Path, nats_url: str) -> GraphFile:
          .node("engine", "zmq", kind="source", endpoint=zmq_in)   # no engine there: quiet
          .node("bus", "nats", kind="source", url=nats_url, subject="kv.metrics.in")
          .node("fleet", "dynamo", kind="source", discovery_path=str(disc), namespace="m1")
+         .node("stream", "redis", kind="source", url=redis_url, stream="kv.in")
+         .node("topic", "kafka", kind="source", bootstrap_servers=kafka, topic="kv.in",
+               create_topic=True)
          .node("dedup", "dedup").node("batch", "batch")
          .node("filter", "filter", kinds=["stored", "removed", "cleared"])
          .node("fn", "python", function="fn:keep", path=str(tmp))
@@ -48,11 +51,15 @@ def every_type_graph(tmp: Path, nats_url: str) -> GraphFile:
          .node("republish", "zmq", kind="sink", endpoint=zmq_out)
          .node("plane", "dynamo", kind="sink", discovery_path=str(disc), namespace="m2",
                subscriber_wait_s=0)
-         .node("index", "index", port=0, block_size=16))
-    for src in ("engines", "api", "recording", "engine", "bus", "fleet"):
+         .node("index", "index", port=0, block_size=16)
+         .node("audit", "redis", kind="sink", url=redis_url, stream="kv.out")
+         .node("backbone", "kafka", kind="sink", bootstrap_servers=kafka, topic="kv.out",
+               create_topic=True))
+    for src in ("engines", "api", "recording", "engine", "bus", "fleet", "stream", "topic"):
         g.edge(src, "dedup")
     g.edge("dedup", "batch").edge("batch", "filter").edge("filter", "fn")
-    for sink in ("drop", "print", "save", "router", "republish", "plane", "index"):
+    for sink in ("drop", "print", "save", "router", "republish", "plane", "index", "audit",
+                 "backbone"):
         g.edge("fn", sink)
     return g
 
@@ -68,8 +75,8 @@ def test_a_graph_of_every_node_type_passes_promtool(tmp_path) -> None:
     if PROMTOOL is None:
         pytest.skip(NO_PROMTOOL)
     types = {(t.name, t.kind) for t in registry.all_types()}
-    server = NatsServer().start()
-    g = every_type_graph(tmp_path, server.url)
+    server, redis, kafka = NatsServer().start(), RedisServer().start(), KafkaBroker().start()
+    g = every_type_graph(tmp_path, server.url, redis.url, kafka.bootstrap)
     assert types <= {(n["type"], Kind(n.get("kind") or registry.named(n["type"])[0].kind))
                      for n in g.nodes.values()}, "a node type is missing from the graph"
     port = free_port()
@@ -105,6 +112,8 @@ def test_a_graph_of_every_node_type_passes_promtool(tmp_path) -> None:
     finally:
         terminate(proc)
         server.close()
+        redis.close()
+        kafka.close()
 
 
 def test_label_values_are_escaped_and_undeclared_extras_are_gauges() -> None:
