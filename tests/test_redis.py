@@ -207,6 +207,55 @@ def test_redis_restarting_under_the_sink_loses_nothing(redis_server):
     assert copies <= result.metrics["bus"]["resent_messages"]
 
 
+def test_maxlen_trims_the_stream_as_it_grows(redis_server):
+    url = redis_server.url
+
+    async def go():
+        async with run_text(writer(url, "ev", events_per_message=1, maxlen=100).text()) as rt:
+            pub = rt.publisher("engine")
+            for i in range(2000):
+                pub.publish_stored([i], 1, [i])
+            await wait_for(lambda: rt.contexts["bus"].metrics.events_out == 2000)
+
+    asyncio.run(go())
+    with redis_py.Redis.from_url(url) as r:
+        assert 100 <= r.xlen("ev") < 400   # MAXLEN ~ trims whole nodes of entries
+
+
+def test_an_outage_past_the_bound_counts_the_loss_exactly(redis_server):
+    """Redis away, the sink holds 20 events, the edge drops the newest past that: what did not
+    reach the stream is exactly what the edge counted as dropped."""
+    url = redis_server.url
+    graph = writer(url, "ev", events_per_message=1, max_pending_events=20,
+                   reconnect_wait_s=0.05)
+    graph.edges[0].update(capacity=4, capacity_events=4, when_full="drop_newest")
+
+    async def go():
+        async with run_text(graph.text()) as rt:
+            pub, bus, edge = rt.publisher("engine"), rt.contexts["bus"].metrics, rt.channels[0]
+            for i in range(10):
+                pub.publish_stored([i], 1, [i])
+            await wait_for(lambda: bus.events_out == 10)
+            await asyncio.to_thread(redis_server.stop)
+            for i in range(10, 310):
+                pub.publish_stored([i], 1, [i])
+                await asyncio.sleep(0)
+            await wait_for(lambda: not rt.nodes["engine"].publisher._pending)
+            await asyncio.to_thread(redis_server.start, redis_server.port)
+            for i in range(310, 320):
+                pub.publish_stored([i], 1, [i])
+                await wait_for(lambda: not len(edge))
+            await wait_for(lambda: bus.events_out + edge.dropped_events == 320, timeout=30)
+        return rt
+
+    rt = asyncio.run(go())
+    with redis_py.Redis.from_url(url) as r:
+        got = {json.loads(f[b"data"])["block_hashes"][0] for _, f in r.xrange("ev")}
+    dropped = rt.channels[0].dropped_events
+    assert dropped > 0 and len(got) == 320 - dropped
+    assert rt.result().metrics["engine"]["discarded_unintentional"] == dropped
+
+
 def test_kill_9_mid_stream_loses_nothing_and_copies_are_bounded_counted_and_dropped(
         redis_server, tmp_path: Path) -> None:
     """Stream IN -> kvgraph (slowed) -> stream OUT. kvgraph is SIGKILLed mid-stream and
