@@ -138,6 +138,43 @@ def test_malformed_records_are_errors_and_cost_nothing_else(broker):
     assert m["malformed"] == 1
 
 
+def test_a_frozen_broker_is_waited_out_and_what_was_held_is_delivered_after_it(broker):
+    """The broker stops answering (SIGSTOP) for longer than request_timeout_s while events
+    come in, then runs again: the sink holds and resends, and without any further event every
+    one of them is acknowledged and in the topic (copies carry their kvgraph-id)."""
+    import signal
+
+    broker.create_topic("ev", 1)
+    graph = (GraphFile("to-kafka").node("engine", "api", block_size=1, worker_id=1)
+             .node("bus", "kafka", bootstrap_servers=broker.bootstrap, topic="ev",
+                   events_per_message=1, request_timeout_s=1, reconnect_wait_s=0.1)
+             .edge("engine", "bus"))
+
+    async def go():
+        async with run_text(graph.text()) as rt:
+            pub, bus = rt.publisher("engine"), rt.contexts["bus"].metrics
+            for i in range(20):
+                pub.publish_stored([i], 1, [i])
+            await wait_for(lambda: bus.events_out == 20, timeout=30)
+            broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                for i in range(20, 60):
+                    pub.publish_stored([i], 1, [i])
+                await wait_for(lambda: bus.extra["disconnects"] >= 1, timeout=30)
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+            await wait_for(lambda: bus.events_out == 60, timeout=60)   # nothing more written
+        stored = await read_all(broker.bootstrap, "ev")
+        return rt.result(), stored
+
+    result, stored = asyncio.run(go())
+    got = [json.loads(r.value)["block_hashes"][0] for _, r in stored]
+    assert set(got) == set(range(60)) and result.lost_events == 0
+    assert len(got) - 60 <= result.metrics["bus"]["resent_messages"]
+    ids = [dict(r.headers)["kvgraph-id"] for _, r in stored]
+    assert len(set(ids)) == 60   # a copy has its original's id
+
+
 def test_kill_9_mid_stream_loses_nothing_and_copies_are_bounded_and_dropped(
         broker, tmp_path: Path) -> None:
     """Topic IN -> kvgraph (slowed) -> topic OUT. kvgraph is SIGKILLed mid-stream and started

@@ -47,6 +47,8 @@ class KafkaSink(KafkaEdge, LedgerSink, Sink):
 
 
     async def start(self) -> None:
+        import asyncio
+
         from ..codecs.messages import MessageEncoder
         from ..proto.kafka import (aiokafka, client_options, create_topic, servers,
                                    start_client)
@@ -70,12 +72,34 @@ class KafkaSink(KafkaEdge, LedgerSink, Sink):
         # pending.items[:pending.sent] are handed to the producer; futures[i] is item i's ack.
         self.start_ledger()
         self.futures: list[Any] = []
+        # One confirmer at a time: the runtime's flush, a full ledger making room, or the
+        # watcher that sees the brokers back after an outage.
+        self._confirming = asyncio.Lock()
 
     async def make_room(self) -> None:
-        await self._confirm(make_room=True)
+        async with self._confirming:
+            await self._confirm(make_room=True)
 
     async def send_new(self) -> None:
-        await self._send()
+        if self.link.up and not self._confirming.locked():
+            if not await self._send():
+                self._watch()
+
+    def _watch(self) -> None:
+        """The brokers are away: confirm what is held in the background, so that the sink
+        learns they are back (``can_confirm``) even if nothing more is written."""
+        if getattr(self, "_watching", False):
+            return
+        self._watching = True
+
+        async def watch() -> None:
+            try:
+                async with self._confirming:
+                    await self._confirm()
+            finally:
+                self._watching = False
+
+        self.ctx.spawn(watch(), "kafka-watch")
 
     async def _send(self) -> bool:
         """Hand what is not handed yet to the producer, in order; False if it refused (the
@@ -125,6 +149,7 @@ class KafkaSink(KafkaEdge, LedgerSink, Sink):
                 raise
             except Exception as exc:
                 self.link.down(exc)
+                self._watch()
                 self.metrics.extra["resent_messages"] += len(futures)
                 for f in futures:   # their outcome no longer matters: they go again
                     f.add_done_callback(_outcome_read)
@@ -138,7 +163,8 @@ class KafkaSink(KafkaEdge, LedgerSink, Sink):
 
     async def flush(self) -> None:
         """Return once the brokers acknowledged every message written."""
-        await self._confirm()
+        async with self._confirming:
+            await self._confirm()
 
     async def stop(self) -> None:
         producer = getattr(self, "producer", None)
