@@ -368,26 +368,38 @@ class KilledAndRestarted:
         with KilledAndRestarted(graph) as run:
             run.until(lambda: written() >= n // 4)   # well into the stream...
             run.kill()                               # ...kill -9, with messages in flight
-            run.start()
+            run.start()                              # returns once it runs (all nodes up)
             run.until(lambda: written() >= n)
             run.stop()                               # SIGTERM: a clean exit, code 0
+
+    Each process's stderr goes to a file next to the graph (``log()``), shown when it fails.
     """
 
     def __init__(self, graph: Path):
         self.graph = graph
-        self.proc: "subprocess.Popen[str] | None" = None
+        self.proc: "subprocess.Popen[bytes] | None" = None
+        self.starts = 0
         self.start()
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvgraph", "run", str(self.graph),
-                                      "--status", "off"], cwd=ROOT, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "NO_COLOR": "1"})
+    def start(self, timeout: float = 60.0) -> None:
+        """Start kvgraph; return once it says it is running (every node started)."""
+        self.starts += 1
+        self.log_path = self.graph.with_suffix(f".run{self.starts}.log")
+        with open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kvgraph", "run",
+                                          str(self.graph), "--status", "off"], cwd=ROOT,
+                                         stderr=err, env={**os.environ, "NO_COLOR": "1"})
+        self.until(lambda: "INFO running " in self.log(), timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def until(self, condition, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
-            assert self.proc is not None and self.proc.poll() is None, self.proc.stderr.read()
-            assert time.monotonic() < deadline, f"not reached within {timeout} s"
+            assert self.proc is not None and self.proc.poll() is None, self.log()[-4000:]
+            assert time.monotonic() < deadline, \
+                f"not reached within {timeout} s; kvgraph's log:\n{self.log()[-4000:]}"
             time.sleep(0.02)
 
     def kill(self) -> None:
@@ -396,12 +408,13 @@ class KilledAndRestarted:
         self.proc.wait(10)
 
     def stop(self) -> str:
-        """SIGTERM; the process must exit 0. Returns its stderr."""
+        """SIGTERM; the process must exit 0. Returns its log."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err
-        return err
+        self.proc.wait(60)
+        assert self.proc.returncode == 0, \
+            f"exit {self.proc.returncode}; kvgraph's log:\n{self.log()[-4000:]}"
+        return self.log()
 
     def __enter__(self) -> "KilledAndRestarted":
         return self

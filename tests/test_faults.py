@@ -480,16 +480,11 @@ def test_sigkill_with_jetstream_input_loses_nothing_and_dedup_ids_prevent_copies
     duplicate window. kvgraph is SIGKILLed mid-stream and started again: the unacked input is
     redelivered (at least once), and the message ids (the input's stream sequence, with the
     default events_per_message: issue 11 saw 230 copies there) keep OUT free of copies."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     import nats
 
     from kvgraph.testing import NatsServer
 
-    from .helpers import ROOT
+    from .helpers import KilledAndRestarted
 
     server = NatsServer().start()
     n = 3000
@@ -530,14 +525,15 @@ to = "output"
         "import asyncio\nasync def f(batch):\n    await asyncio.sleep(0.002 * len(batch))\n"
         "    return batch\n")
 
-    def start() -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "kvgraph", "run", str(graph), "--status",
-                                 "off"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "NO_COLOR": "1"})
-
     async def out_state() -> tuple[int, set[int]]:
         lines = await stream_lines(server.url, "out.events", "OUT", idle_s=0.5)
         return len(lines), {json.loads(line)["block_hashes"][0] for line in lines}
+
+    async def out_count(js) -> int:
+        try:
+            return (await js.stream_info("OUT")).state.messages
+        except Exception:
+            return 0
 
     async def go():
         nc = await nats.connect(server.url)
@@ -546,29 +542,19 @@ to = "output"
         for i in range(n):
             line = {"kind": "stored", "worker_id": 1, "dp_rank": 0, "block_hashes": [i]}
             await js.publish("in.events", (json.dumps(line) + "\n").encode())
-        first = start()
         try:
-            async def out_count() -> int:
-                try:
-                    return (await js.stream_info("OUT")).state.messages
-                except Exception:
-                    return 0
-            while await out_count() < n // 4:  # well into the stream...
-                await asyncio.sleep(0.05)
-            first.send_signal(signal.SIGKILL)  # ...kill it, with messages in flight
-            first.wait(10)
-            second = start()
-            while await out_count() < n:
-                assert second.poll() is None, second.stderr.read()
-                await asyncio.sleep(0.1)
-            second.send_signal(signal.SIGTERM)
-            _, err = second.communicate(timeout=30)
-            assert second.returncode == 0, err
+            with KilledAndRestarted(graph) as run:
+                def until_out(k: int) -> None:
+                    run.until(lambda: asyncio.run_coroutine_threadsafe(
+                        out_count(js), loop).result() >= k)
+                loop = asyncio.get_running_loop()
+                await asyncio.to_thread(until_out, n // 4)   # well into the stream...
+                run.kill()                                   # ...kill it, messages in flight
+                await asyncio.to_thread(run.start)
+                await asyncio.to_thread(until_out, n)
+                await asyncio.to_thread(run.stop)
             return await out_state()
         finally:
-            for p in (first, locals().get("second")):
-                if p is not None and p.poll() is None:
-                    p.kill()
             await nc.close()
 
     try:
