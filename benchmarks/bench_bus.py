@@ -81,10 +81,10 @@ def run_once(bus: str, total_events: int, per: int, fmt: str) -> dict[str, Any]:
         + "".join(f"{k} = {_toml(v)}\n" for k, v in options.items())
         + '[[edges]]\nfrom = "engine"\nto = "bus"\n')
     port = free_port()
-    relay = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-m", "kvgraph", "run",
-                              str(tmp / "relay.toml"), "--status", "off", "--log-level",
-                              "warning", "--metrics-port", str(port)],
-                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "kvgraph", "run", str(tmp / "relay.toml"), "--status", "off",
+           "--log-level", "warning", "--metrics-port", str(port)]
+    relay = subprocess.Popen(["taskset", "-c", "1", *cmd], cwd=ROOT, stderr=subprocess.PIPE,
+                             text=True)
     pattern = re.compile(rb'kvgraph_node_events_out_total\{kind="sink",node="bus",'
                          rb'type="' + bus.encode() + rb'"\} ([\d.e+]+)')
 
@@ -127,7 +127,12 @@ def main() -> None:
     ap.add_argument("--events-per-message", type=int, default=16)
     ap.add_argument("--format", default="jsonl", choices=["jsonl", "dynamo-msgpack"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", choices=BUSES, help="one sink only")
     args = ap.parse_args()
+    if args.only:
+        r = run_once(args.only, args.events, args.events_per_message, args.format)
+        print(f"{args.only}: {r['events_per_s']:,.0f} events/s, relay CPU {r['cpu_pct']:.0f}%")
+        return
     runs: dict[str, list[dict[str, Any]]] = {b: [] for b in BUSES}
     for i in range(args.repeat):
         for bus in BUSES:

@@ -205,8 +205,10 @@ class RedisSource(RedisEdge, Source):
 
     async def _deliveries(self, entries: list[Entry]) -> dict[bytes, int]:
         """How often each entry was delivered (XPENDING over their range, this consumer)."""
+        # The range may also hold entries of ours still in flight: count them in.
         reply = await self._call("XPENDING", self.stream, self.group, entries[0][0],
-                                 entries[-1][0], len(entries) + 16, self.consumer)
+                                 entries[-1][0], len(entries) + len(self.inflight) + 16,
+                                 self.consumer)
         return {row[0]: int(row[3]) for row in reply or []}
 
     async def _emit(self, entries: list[Entry], again: bool) -> None:
