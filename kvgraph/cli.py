@@ -96,6 +96,29 @@ def cmd_draw(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .diagnostics import render_text
+    from .plan import plan
+    from .validate import validate_file
+
+    results = [validate_file(args.old), validate_file(args.new)]
+    bad = [r for r in results if r.graph is None]
+    for r in bad:
+        print(render_text(r.diagnostics, _colour(sys.stderr)), file=sys.stderr)
+        print(f"{r.file}: invalid; no plan (`kvgraph validate {r.file}`)", file=sys.stderr)
+    if bad:
+        return 1
+    old, new = (r.graph for r in results)
+    assert old is not None and new is not None
+    p = plan(old, new)
+    if args.format == "json":
+        print(json.dumps(p.as_json(), indent=2))
+    else:
+        print(f"plan: {args.old} -> {args.new}")
+        print("\n".join(f"  {line}" for line in p.lines()))
+    return 0
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
     from . import catalog, registry
     from .schema import suggest
@@ -411,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=["mermaid", "dot", "svg", "png"], default="mermaid")
     d.add_argument("-o", "--output", metavar="PATH", help="write here instead of stdout")
     d.set_defaults(func=cmd_draw)
+
+    pl = sub.add_parser("plan", help="what changing a graph file changes: nodes added, "
+                        "removed, changed (option by option), kept; edges added and removed")
+    pl.add_argument("old", metavar="OLD")
+    pl.add_argument("new", metavar="NEW")
+    pl.add_argument("--format", choices=["text", "json"], default="text")
+    pl.set_defaults(func=cmd_plan)
 
     n = sub.add_parser("nodes", help="list node types, or show one type's options")
     n.add_argument("name", nargs="?", metavar="TYPE")
