@@ -9,6 +9,7 @@ decoding live here once.
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Any, Callable, Hashable, Iterable
 
@@ -86,13 +87,21 @@ class MessageEncoder:
 
     def _by_key(self, items: list[Any], keys: list[Any] | None = None) -> dict[Any, list[Any]]:
         """``items`` by key, in order; ``keys`` (the events the items came from) when the
-        items are RouterEvents."""
+        items are RouterEvents. A batch is nearly always of one key (one engine's batch): that
+        case costs one C-level pass, not a Python call per event."""
         if self.key_of is None:
             return {self.fixed_key: items}
+        source = keys if keys is not None else items
         key_of = self.key_of
+        try:
+            all_keys = list(map(key_of, source))
+        except AttributeError:   # an error record (jsonl) among the events: it has no key
+            all_keys = [key_of(e) if isinstance(e, Event) else None for e in source]
+        if all_keys and all_keys.count(all_keys[0]) == len(all_keys):
+            return {all_keys[0]: items}
         groups: dict[Any, list[Any]] = {}
-        for item, e in zip(items, keys if keys is not None else items):
-            groups.setdefault(key_of(e), []).append(item)
+        for item, key in zip(items, all_keys):
+            groups.setdefault(key, []).append(item)
         return groups
 
     # -- size ---------------------------------------------------------------------------------
@@ -222,16 +231,27 @@ class MessageEncoder:
 
 def runs_by_origin(batch: list[Any]) -> list[tuple[tuple[Any, ...] | None, list[Any]]]:
     """Consecutive items of one origin (worker, DP rank, seq, ts); items with no seq (or not
-    events) have origin None."""
+    events) have origin None. An engine's batch is one origin: checked in one C-level pass."""
+    try:
+        origins = list(map(_ORIGIN, batch))
+    except AttributeError:   # error records among the events
+        origins = [_ORIGIN(e) if isinstance(e, Event) else (None, None, None, None)
+                   for e in batch]
+    if origins and origins.count(origins[0]) == len(origins):
+        first = origins[0]
+        return [(None if first[2] is None else first, batch)]
     runs: list[tuple[tuple[Any, ...] | None, list[Any]]] = []
-    for e in batch:
-        seq = getattr(e, "seq", None)
-        origin = None if seq is None else (e.worker_id, e.dp_rank, seq, e.ts)
+    for e, origin in zip(batch, origins):
+        if origin[2] is None:
+            origin = None
         if runs and runs[-1][0] == origin:
             runs[-1][1].append(e)
         else:
             runs.append((origin, [e]))
     return runs
+
+
+_ORIGIN = operator.attrgetter("worker_id", "dp_rank", "seq", "ts")
 
 
 class MessageDecoder:

@@ -140,7 +140,11 @@ class RedisSource(RedisEdge, Source):
         next_claim = time.monotonic() + claim_every
         await self._own_pending()
         while not stopping.is_set():
-            if len(self.inflight) >= c["max_in_flight"]:
+            if claim_every and time.monotonic() >= next_claim:
+                # First, even when full: touching our own slow entries keeps them ours.
+                next_claim = time.monotonic() + claim_every
+                await self._claim()
+            elif len(self.inflight) >= c["max_in_flight"]:
                 self._settled.clear()
                 try:
                     await asyncio.wait_for(self._settled.wait(), 0.25)
@@ -151,9 +155,6 @@ class RedisSource(RedisEdge, Source):
                 reply = await self._call("XCLAIM", self.stream, self.group, self.consumer, 0,
                                          *ids)
                 await self._emit([tuple(e) for e in reply or [] if e], again=True)
-            elif claim_every and time.monotonic() >= next_claim:
-                next_claim = time.monotonic() + claim_every
-                await self._claim()
             else:
                 reply = await self._call("XREADGROUP", "GROUP", self.group, self.consumer,
                                          "COUNT", c["read_count"], "BLOCK", 250,
