@@ -43,12 +43,13 @@ class _Window:
 class _Partition:
     """An assigned partition's batches in the graph, oldest first, and what to commit."""
 
-    __slots__ = ("windows", "commit", "committed")
+    __slots__ = ("windows", "commit", "committed", "settled")
 
     def __init__(self) -> None:
         self.windows: deque[_Window] = deque()
         self.commit: int | None = None      # the offset to commit next (None: nothing new)
         self.committed: int | None = None
+        self.settled = 0                    # records delivered up to ``commit``, not committed
 
     def in_flight(self) -> int:
         return sum(w.end - w.start for w in self.windows)
@@ -61,8 +62,8 @@ class KafkaSource(KafkaEdge, Source):
     metrics = {**KAFKA_METRICS,
                "malformed": counter("Records or lines that could not be decoded (sent to "
                                     "errors)."),
-               "committed_records": counter("Records whose offsets were committed after "
-                                            "delivery."),
+               "committed_records": counter("Records delivered whose offsets the group "
+                                            "committed."),
                "rewinds": counter("Partitions sent back to re-read a batch dropped on the way."),
                "rebalances": counter("Partition assignments received."),
                "given_up_records": counter("Records in flight when their partition was taken "
@@ -205,7 +206,7 @@ class KafkaSource(KafkaEdge, Source):
             while part.windows and part.windows[0].done:
                 w = part.windows.popleft()
                 part.commit = w.end
-                self.metrics.extra["committed_records"] += w.end - w.start
+                part.settled += w.end - w.start
             self._dirty.set()
             self._in_flight()
             return
@@ -238,6 +239,7 @@ class KafkaSource(KafkaEdge, Source):
                    and (only is None or tp in only)}
         if not offsets:
             return
+        counts = {tp: self.parts[tp].settled for tp in offsets}   # what these offsets cover
         try:
             await self.consumer.commit(offsets)
         except Exception as exc:   # e.g. a rebalance took the partition: its owner re-reads
@@ -246,8 +248,11 @@ class KafkaSource(KafkaEdge, Source):
                              type(exc).__name__, exc)
             return
         for tp, offset in offsets.items():
-            if tp in self.parts:
-                self.parts[tp].committed = offset
+            part = self.parts.get(tp)
+            if part is not None:
+                part.committed = offset
+                self.metrics.extra["committed_records"] += counts[tp]
+                part.settled -= counts[tp]
 
     async def _revoked(self, revoked: Iterable[Any]) -> None:
         """Before partitions go: let their batches settle (bounded), commit, give up the
