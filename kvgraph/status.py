@@ -164,7 +164,9 @@ def totals(rt: "Runtime", result: "RunResult") -> str:
 async def serve_metrics(rt: "Runtime", host: str, port: int, warnings: Any = None) -> Any:
     """``GET /metrics`` (and ``/``): the graph's metrics, process_* and python_*, in the
     Prometheus text format or OpenMetrics (by the Accept header); ``GET /warnings``: the
-    recent warnings and errors (JSON, for ``kvgraph top``). ``.port``, ``await .close()``."""
+    recent warnings and errors (JSON, for ``kvgraph top``); ``POST /graph?dry_run=1``: a new
+    version of the graph checked and planned (:mod:`kvgraph.admin`). ``.port``,
+    ``await .close()``."""
     from aiohttp import web
 
     from .live import warnings_json
@@ -181,8 +183,14 @@ async def serve_metrics(rt: "Runtime", host: str, port: int, warnings: Any = Non
         return web.json_response({"graph": rt.graph.name,
                                   "warnings": warnings_json(warnings) if warnings else []})
 
+    async def graph_change(request: web.Request) -> web.Response:
+        from .admin import handle_post_graph
+
+        return await handle_post_graph(rt, request)
+
     app = application()
     app.router.add_get("/metrics", handle)
     app.router.add_get("/", handle)
     app.router.add_get("/warnings", recent)
+    app.router.add_post("/graph", graph_change)
     return await serve(app, host, port)

@@ -75,3 +75,65 @@ def test_an_invalid_new_file_gives_its_errors_and_no_plan(tmp_path: Path, cli) -
     assert code == 1 and out == ""
     assert "nodes.keep.kinds[0]: 'evicted' is not one of" in err
     assert "new.toml: invalid; no plan" in err
+
+
+def post_graph(port: int, text: str, dry_run: bool = True) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/graph" + ("?dry_run=1" if dry_run else "")
+    req = urllib.request.Request(url, data=text.encode(), method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_post_graph_dry_run_checks_a_new_version_against_what_runs() -> None:
+    """POST /graph?dry_run=1 on the metrics server: the plan of a valid change; the errors,
+    with lines, of an invalid one; a probe failure of an added node (its port is taken); and
+    without dry_run, 501: nothing is applied, the running graph is untouched."""
+    import asyncio
+    import socket
+
+    from kvgraph.status import serve_metrics
+    from kvgraph.testing import run_text
+
+    running = (GraphFile("live").node("engine", "api").node("keep", "filter", kinds=["stored"])
+               .node("out", "null").edge("engine", "keep").edge("keep", "out"))
+    grown = (GraphFile("live").node("engine", "api").node("keep", "filter", kinds=["stored"])
+             .node("out", "null").node("audit", "file", path="audit.jsonl")
+             .edge("engine", "keep").edge("keep", "out").edge("keep", "audit"))
+    typo = GraphFile("live").node("engine", "api").node("keep", "filter", kinds=["evicted"])
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port_taken = taken.getsockname()[1]
+    blocked = (GraphFile("live").node("engine", "api").node("out", "null")
+               .node("again", "zmq", kind="sink", endpoint=f"tcp://127.0.0.1:{port_taken}")
+               .edge("engine", "out").edge("engine", "again"))
+
+    async def go():
+        async with run_text(running.text()) as rt:
+            server = await serve_metrics(rt, "127.0.0.1", 0)
+            try:
+                answers = [await asyncio.to_thread(post_graph, server.port, g.text(), dry)
+                           for g, dry in ((grown, True), (typo, True), (blocked, True),
+                                          (grown, False))]
+            finally:
+                await server.close()
+            return answers, sorted(rt.graph.nodes)
+
+    try:
+        (ok, bad, probe, applied), nodes = asyncio.run(go())
+    finally:
+        taken.close()
+    assert ok[0] == 200 and ok[1]["plan"]["added"] == ["audit (sink file)"]
+    assert ok[1]["plan"]["edges_added"] == ["keep -> audit"] and ok[1]["applied"] is False
+    assert bad[0] == 400 and not bad[1]["valid"]
+    assert any(d["line"] and "'evicted' is not one of" in d["message"]
+               for d in bad[1]["diagnostics"])
+    assert probe[0] == 400 and any("again" in d["path"] for d in probe[1]["diagnostics"])
+    assert applied[0] == 501 and "dry_run=1" in applied[1]["error"]
+    assert nodes == ["engine", "keep", "out"]   # nothing changed

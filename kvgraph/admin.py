@@ -1,0 +1,60 @@
+"""``POST /graph`` on a running graph's HTTP server (the one of ``--metrics-port``): send a new
+version of the graph file, get it checked against what runs and the plan of what it would
+change (:mod:`kvgraph.plan`).
+
+``?dry_run=1`` is all there is today: the text is validated as ``kvgraph validate`` would (400
+with every diagnostic, lines included, when it is invalid), the nodes it adds are probed as
+``validate --connect`` would (servers answer, ports are free: 400 when not; changed nodes are
+not probed, since their running instance still holds what they need), and the answer is the
+plan (200). Applying it in place is issue 16's next step: without ``dry_run`` the answer is 501
+with the same check and plan, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: The largest graph text accepted (graph files are limited to 1 MiB as well).
+MAX_GRAPH_BYTES = 1024 * 1024
+
+
+async def check_change(rt: Any, text: str, source: str = "POST /graph"
+                       ) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, answer) for a new graph text against the running graph ``rt``."""
+    from .diagnostics import render_json
+    from .graph import Graph
+    from .plan import plan
+    from .validate import probe, validate_text
+
+    result = validate_text(text, file=source, environ=rt.environ)
+    if result.graph is None:
+        return 400, {"valid": False, **json.loads(render_json(result.diagnostics))}
+    p = plan(rt.graph, result.graph)
+    added = {nid: n for nid, n in result.graph.nodes.items() if nid not in rt.graph.nodes}
+    found = await probe(Graph(result.graph.name, added, []), rt.environ) if added else []
+    diagnostics = json.loads(render_json(list(result.diagnostics) + found))
+    if found:
+        return 400, {"valid": False, **diagnostics, "plan": p.as_json()}
+    return 200, {"valid": True, **diagnostics, "plan": p.as_json(),
+                 "summary": p.lines(), "applied": False}
+
+
+async def handle_post_graph(rt: Any, request: Any) -> Any:
+    """The aiohttp handler (see the module's docstring)."""
+    from aiohttp import web
+
+    if request.content_length is not None and request.content_length > MAX_GRAPH_BYTES:
+        return web.json_response({"error": f"graph text over {MAX_GRAPH_BYTES} bytes"},
+                                 status=413)
+    try:
+        text = (await request.read()).decode()
+    except UnicodeDecodeError:
+        return web.json_response({"error": "the graph text must be UTF-8"}, status=400)
+    status, body = await check_change(rt, text)
+    dry_run = request.query.get("dry_run", "") not in ("", "0", "false")
+    if status == 200 and not dry_run:
+        status = 501
+        body["error"] = ("applying a new graph to a running kvgraph is not available yet; "
+                         "POST /graph?dry_run=1 checks it and shows the plan")
+    return web.json_response(body, status=status)
