@@ -264,3 +264,25 @@ def test_a_rebalance_hands_partitions_over_without_loss_or_reordering(broker):
     assert m1["rebalances"] >= 2 and m2["rebalances"] >= 1   # the first was assigned twice
     print(f"kafka rebalance: {len(a)} + {len(b)} delivered, {len(both)} by both, "
           f"{m1['given_up_records']} given up")
+
+
+def test_validate_connect_checks_the_brokers_and_the_topic(broker, tmp_path: Path,
+                                                           cli) -> None:
+    from kvgraph.testing import free_port
+
+    broker.create_topic("ev", 1)
+
+    def graph(bootstrap: str, topic: str, **options: object) -> Path:
+        g = (GraphFile("to-kafka").node("engine", "api")
+             .node("bus", "kafka", bootstrap_servers=bootstrap, topic=topic, **options)
+             .edge("engine", "bus"))
+        return g.write(tmp_path, f"{topic}-{len(options)}.toml")
+
+    assert cli("validate", "--connect", str(graph(broker.bootstrap, "ev")))[0] == 0
+    code, out, _ = cli("validate", "--connect", str(graph(broker.bootstrap, "missing")))
+    assert code == 1 and "topic 'missing' does not exist" in out
+    assert cli("validate", "--connect", str(graph(broker.bootstrap, "missing",
+                                                  create_topic=True)))[0] == 0
+    code, out, _ = cli("validate", "--connect",
+                       str(graph(f"127.0.0.1:{free_port()}", "ev")))
+    assert code == 1 and "cannot reach Kafka at 127.0.0.1:" in out

@@ -304,3 +304,19 @@ def test_kill_9_mid_stream_loses_nothing_and_copies_are_bounded_counted_and_drop
     assert sorted(hashes(capture("out"))) == list(range(n))   # each exactly once
     assert m["duplicates_dropped"] * 4 >= copies
     r.close()
+
+
+def test_validate_connect_checks_the_server_and_the_key(redis_server, tmp_path: Path,
+                                                        cli) -> None:
+    from kvgraph.testing import free_port
+
+    with redis_py.Redis.from_url(redis_server.url) as r:
+        r.set("not-a-stream", "x")
+    good = writer(redis_server.url, "ev").write(tmp_path, "good.toml")
+    wrong_key = writer(redis_server.url, "not-a-stream").write(tmp_path, "key.toml")
+    nobody = writer(f"redis://127.0.0.1:{free_port()}/0", "ev").write(tmp_path, "down.toml")
+    assert cli("validate", "--connect", str(good))[0] == 0
+    code, out, _ = cli("validate", "--connect", str(wrong_key))
+    assert code == 1 and "key 'not-a-stream' holds a string, not a stream" in out
+    code, out, _ = cli("validate", "--connect", str(nobody))
+    assert code == 1 and "cannot reach Redis at redis://127.0.0.1:" in out
