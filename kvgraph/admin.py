@@ -12,7 +12,6 @@ with the same check and plan, and nothing changes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 #: The largest graph text accepted (graph files are limited to 1 MiB as well).
@@ -22,18 +21,18 @@ MAX_GRAPH_BYTES = 1024 * 1024
 async def check_change(rt: Any, text: str, source: str = "POST /graph"
                        ) -> tuple[int, dict[str, Any]]:
     """(HTTP status, answer) for a new graph text against the running graph ``rt``."""
-    from .diagnostics import render_json
+    from .diagnostics import as_json
     from .graph import Graph
     from .plan import plan
     from .validate import probe, validate_text
 
     result = validate_text(text, file=source, environ=rt.environ)
     if result.graph is None:
-        return 400, {"valid": False, **json.loads(render_json(result.diagnostics))}
+        return 400, {"valid": False, **as_json(result.diagnostics)}
     p = plan(rt.graph, result.graph)
     added = {nid: n for nid, n in result.graph.nodes.items() if nid not in rt.graph.nodes}
     found = await probe(Graph(result.graph.name, added, []), rt.environ) if added else []
-    diagnostics = json.loads(render_json(list(result.diagnostics) + found))
+    diagnostics = as_json(list(result.diagnostics) + found)
     if found:
         return 400, {"valid": False, **diagnostics, "plan": p.as_json()}
     return 200, {"valid": True, **diagnostics, "plan": p.as_json(),

@@ -38,7 +38,7 @@ def _write(data: bytes | str, output: str | None) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .diagnostics import render_json, render_text
+    from .diagnostics import as_json, render_text
     from .validate import validate_file
 
     results = [validate_file(f) for f in args.files]
@@ -60,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad = bool(r.errors) or (args.strict and bool(r.warnings))
             failed |= bad
             payload.append({"file": r.file, "valid": not bad,
-                            **json.loads(render_json(r.diagnostics))})
+                            **as_json(r.diagnostics)})
         print(json.dumps(payload if len(payload) > 1 else payload[0], indent=2))
         return 1 if failed else 0
     colour = _colour(sys.stdout)

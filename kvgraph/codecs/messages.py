@@ -315,8 +315,8 @@ class MessageDecoder:
 
 
 class RecentIds:
-    """The idempotency ids of the last ``size`` messages delivered, to tell a copy (a sink's
-    resend, a redelivery) from a new message. ``size`` 0 remembers nothing."""
+    """The ids of the last ``size`` messages delivered, to tell a copy (a sink's resend, a
+    redelivery) from a new message. ``size`` 0 remembers nothing."""
 
     def __init__(self, size: int):
         from collections import OrderedDict
@@ -324,15 +324,23 @@ class RecentIds:
         self.size = size
         self._ids: "OrderedDict[bytes, None]" = OrderedDict()
 
+    def __contains__(self, mid: bytes) -> bool:
+        return mid in self._ids
+
+    def remember(self, mids: Iterable[bytes]) -> None:
+        ids = self._ids
+        for mid in mids:
+            ids[mid] = None
+        while len(ids) > self.size:
+            ids.popitem(last=False)
+
     def copy_of_recent(self, mid: bytes | None) -> bool:
         """True when ``mid`` was seen (a copy); otherwise it is remembered from now on."""
         if not self.size or mid is None:
             return False
         if mid in self._ids:
             return True
-        self._ids[mid] = None
-        if len(self._ids) > self.size:
-            self._ids.popitem(last=False)
+        self.remember((mid,))
         return False
 
     def forget(self, mids: Iterable[bytes]) -> None:

@@ -105,23 +105,9 @@ def client_options(config: Mapping[str, Any]) -> dict[str, Any]:
 async def start_client(node: Any, client: Any) -> None:
     """``await client.start()`` with ``connect_attempts`` tries; a NodeFailure naming the
     brokers otherwise."""
-    import asyncio
+    from .link import first_contact
 
-    from ..errors import NodeFailure
-
-    c = node.config
-    wait = c["reconnect_wait_s"]
-    for attempt in range(1, c["connect_attempts"] + 1):
-        try:
-            await client.start()
-            node.log.info("connected to Kafka at %s", ", ".join(servers(c)))
-            return
-        except Exception as exc:
-            if attempt == c["connect_attempts"]:
-                raise NodeFailure(f"cannot reach Kafka at {', '.join(servers(c))}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 5.0)
+    await first_contact(node, client.start, f"Kafka at {', '.join(servers(node.config))}")
 
 
 async def create_topic(node: Any, topic: str, partitions: int) -> bool:

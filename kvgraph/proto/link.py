@@ -9,7 +9,7 @@ Prometheus read every bus the same way, and into one warning per outage, not one
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ..node import counter, gauge
 
@@ -56,7 +56,34 @@ class Link:
         extra["reconnects"] += 1
         self.node.log.info("%s is back", self.what)
 
-    def backoff(self, first: float, most: float = 5.0) -> float:
-        """Seconds to wait before the next attempt: ``first``, doubling up to ``most``."""
+    def backoff(self, most: float = 5.0) -> float:
+        """Seconds to wait before the next attempt: the node's ``reconnect_wait_s``, doubling
+        up to ``most``."""
+        first = self.node.config["reconnect_wait_s"]
         self.wait_s = min(most, self.wait_s * 2) if self.wait_s else first
         return self.wait_s
+
+
+async def first_contact(node: Any, attempt: Callable[[], Awaitable[None]], what: str,
+                        retry: Callable[[BaseException], bool] = lambda exc: True) -> None:
+    """``await attempt()`` until it succeeds, at most ``connect_attempts`` times, waiting
+    ``reconnect_wait_s`` and then twice as long each time (up to 5 s); past them, or on an
+    error ``retry`` refuses, a NodeFailure naming ``what``. How a ``redis`` or ``kafka`` node
+    reaches its broker at start."""
+    import asyncio
+
+    from ..errors import NodeFailure
+
+    c = node.config
+    wait = c["reconnect_wait_s"]
+    for n in range(1, c["connect_attempts"] + 1):
+        try:
+            await attempt()
+        except Exception as exc:
+            if not retry(exc) or n == c["connect_attempts"]:
+                raise NodeFailure(f"cannot reach {what}: {type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
+        else:
+            node.log.info("connected to %s", what)
+            return

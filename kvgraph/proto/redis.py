@@ -99,29 +99,19 @@ def client(config: Mapping[str, Any]) -> Any:
 async def connect(node: Any) -> Any:
     """The node's client, once Redis answered a PING (``connect_attempts`` tries); a
     NodeFailure naming the server otherwise."""
-    import asyncio
-
-    from ..errors import NodeFailure
+    from .link import first_contact
 
     c = node.config
     r = client(c)
-    wait = c["reconnect_wait_s"]
-    for attempt in range(1, c["connect_attempts"] + 1):
-        try:
-            await r.ping()
-            node.log.info("connected to Redis at %s", redact_url(c["url"]))
-            return r
-        except Exception as exc:
-            if not transient(exc) or attempt == c["connect_attempts"]:
-                await r.aclose()
-                raise NodeFailure(f"cannot reach Redis at {redact_url(c['url'])}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 5.0)
-    raise AssertionError("unreachable")
+    try:
+        await first_contact(node, r.ping, f"Redis at {redact_url(c['url'])}", transient)
+    except BaseException:
+        await r.aclose()
+        raise
+    return r
 
 
-async def retrying(node: Any, link: Any, call: Callable[[], Awaitable[T]],
+async def retrying(link: Any, call: Callable[[], Awaitable[T]],
                    give_up: Callable[[], bool] = lambda: False) -> T | None:
     """``await call()`` until Redis answers (waits through an outage, with backoff, counted
     on ``link``); None if ``give_up()`` became true first. An error that is not an outage
@@ -141,7 +131,7 @@ async def retrying(node: Any, link: Any, call: Callable[[], Awaitable[T]],
             link.down(exc)
             if give_up():
                 return None
-            await asyncio.sleep(link.backoff(node.config["reconnect_wait_s"]))
+            await asyncio.sleep(link.backoff())
             continue
         link.ok()
         return result

@@ -94,8 +94,6 @@ class DynamoSink(DiscoveryProbe, Sink):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        import asyncio
-
         from ..proto.dynamo_discovery import Registration, open_discovery
         from ..proto.zmq import OwnContext
 

@@ -133,7 +133,7 @@ class KafkaSink(KafkaEdge, LedgerSink, Sink):
             if make_room and not pending.over(self.config):
                 return
             if not futures and not await self._send():
-                await asyncio.sleep(self.link.backoff(self.config["reconnect_wait_s"]))
+                await asyncio.sleep(self.link.backoff())
                 continue
             done = 0
             while done < len(futures) and futures[done].done() and \
@@ -156,7 +156,7 @@ class KafkaSink(KafkaEdge, LedgerSink, Sink):
                     f.add_done_callback(_outcome_read)
                 futures.clear()
                 pending.sent = 0
-                await asyncio.sleep(self.link.backoff(self.config["reconnect_wait_s"]))
+                await asyncio.sleep(self.link.backoff())
         self.metrics.extra["held_events"] = pending.events
 
     def can_confirm(self) -> bool:

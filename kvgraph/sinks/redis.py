@@ -115,7 +115,7 @@ class RedisSink(RedisEdge, LedgerSink, Sink):
                 if not wait:
                     self._watch()
                     return
-                await asyncio.sleep(self.link.backoff(self.config["reconnect_wait_s"]))
+                await asyncio.sleep(self.link.backoff())
                 continue
             extra["resent_messages"] += again
             self.link.ok()
@@ -141,7 +141,7 @@ class RedisSink(RedisEdge, LedgerSink, Sink):
             from ..proto.redis import retrying
 
             try:
-                await retrying(self, self.link, self.redis.ping,
+                await retrying(self.link, self.redis.ping,
                                give_up=lambda: self.link.up)
             finally:
                 self._watching = False

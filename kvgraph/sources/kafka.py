@@ -158,7 +158,7 @@ class KafkaSource(KafkaEdge, Source):
                 raise
             except Exception as exc:   # the client reconnects by itself; say so, then retry
                 self.link.down(exc)
-                await asyncio.sleep(self.link.backoff(c["reconnect_wait_s"]))
+                await asyncio.sleep(self.link.backoff())
                 continue
             self.link.ok()
             for tp, records in fetched.items():

@@ -12,8 +12,7 @@ from collections import OrderedDict, deque
 from typing import Any, Iterable, Mapping
 
 from ..event import Event, Rejected
-from ..node import (CheckContext, Source, Problem, integer, number, string, worker_id,
-                    worker_id_value)
+from ..node import (CheckContext, Source, Problem, integer, number, string, worker_id)
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
 from ..proto.nats import NATS_METRICS
 from ..node import counter
@@ -74,9 +73,7 @@ class NatsSource(NatsProbe, Source):
         from ..proto.nats import connect_node
 
         c = self.config
-        wid = c.get("worker_id")
-        self._decoder = MessageDecoder(self, c["format"],
-                                       None if wid is None else worker_id_value(wid))
+        self._decoder = MessageDecoder.for_node(self)
         self._buf: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self.nc = await connect_node(self)
@@ -168,7 +165,6 @@ class NatsSource(NatsProbe, Source):
             ack.release()
 
     def _settle(self, msgs: list[Any], ok: bool) -> None:
-        import asyncio
         now = time.monotonic()
         for m in msgs:
             seq = m.metadata.sequence.stream

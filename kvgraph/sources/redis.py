@@ -28,7 +28,6 @@ counted in ``deleted_pending``.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import Any, Mapping
 
 from ..codecs.messages import reading_options
@@ -89,6 +88,7 @@ class RedisSource(RedisEdge, Source):
     # -- runtime ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        import asyncio
         import socket
 
         from redis.exceptions import ResponseError
@@ -122,14 +122,13 @@ class RedisSource(RedisEdge, Source):
         self._acking: set[Any] = set()      # XACK tasks
         # Entries delivered and acknowledged (or being acknowledged), the last ones: a read of
         # our own pending entries can cross their XACK, and must not deliver them again.
-        self.acked: OrderedDict[bytes, None] = OrderedDict()
-        import asyncio
+        self.acked = RecentIds(4 * c["max_in_flight"])
         self._settled = asyncio.Event()
 
     async def _call(self, *args: Any) -> Any:
         from ..proto.redis import retrying
 
-        return await retrying(self, self.link, lambda: self.redis.execute_command(*args),
+        return await retrying(self.link, lambda: self.redis.execute_command(*args),
                               give_up=self.ctx.stopping.is_set)
 
     async def run(self) -> None:
@@ -285,11 +284,7 @@ class RedisSource(RedisEdge, Source):
         self.metrics.extra["in_flight"] = len(self.inflight)
         self._settled.set()
         if ok:
-            acked = self.acked
-            for entry_id in taken:
-                acked[entry_id] = None
-            while len(acked) > 4 * self.config["max_in_flight"]:
-                acked.popitem(last=False)
+            self.acked.remember(taken)
             self._ack(taken)
             return
         self.seen.forget(ids.values())   # not delivered: its copy is no duplicate
@@ -301,7 +296,7 @@ class RedisSource(RedisEdge, Source):
 
             # Not acknowledged (Redis away until the end): the entries stay pending and are
             # delivered again after a restart, at least once.
-            await retrying(self, self.link,
+            await retrying(self.link,
                            lambda: self.redis.xack(self.stream, self.group, *entry_ids),
                            give_up=lambda: self.ctx.stopping.is_set() and not self.link.up)
             self.metrics.extra["acked"] += len(entry_ids)
