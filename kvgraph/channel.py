@@ -170,34 +170,59 @@ class Channel:
 
 
 class Inbox:
-    """All input channels of one node, read as one stream (fan-in)."""
+    """All input channels of one node, read as one stream (fan-in).
 
-    __slots__ = ("channels", "_waiter", "_next")
+    A reload (:mod:`kvgraph.reload`) changes the set: :meth:`add` joins a new input edge,
+    a removed one is closed by the runtime and leaves the inbox once drained, and
+    :meth:`detach` ends the reading of a node being replaced at a batch boundary, leaving what
+    is queued to its successor, which reads the same channels."""
+
+    __slots__ = ("channels", "_waiter", "_next", "detached")
 
     def __init__(self, channels: list[Channel]):
-        self.channels = channels
+        self.channels = list(channels)
         self._waiter: asyncio.Future[None] | None = None
         self._next = 0
-        for ch in channels:
+        self.detached = False
+        for ch in self.channels:
             ch._inbox = self
 
     def wake(self) -> None:
         if self._waiter is not None:
             resolve(self._waiter)
 
+    def add(self, ch: Channel) -> None:
+        """A new input edge (a reload)."""
+        ch._inbox = self
+        self.channels.append(ch)
+        self.wake()
+
+    def detach(self) -> None:
+        """Stop reading (the node is being replaced): :meth:`get` returns None from now on,
+        as at the end of the input, and the channels keep what they hold."""
+        self.detached = True
+        self.wake()
+
     def get_nowait(self) -> Batch | None:
+        if self.detached:
+            return None
         chs = self.channels
         n = len(chs)
         for k in range(n):
             i = (self._next + k) % n
-            if chs[i]._q:
+            ch = chs[i]
+            if ch._q:
                 self._next = (i + 1) % n
-                return chs[i].get_nowait()
+                return ch.get_nowait()
+            if ch.closed and n > 1:   # a removed edge, drained: it leaves the inbox
+                del chs[i]
+                self._next = 0
+                return self.get_nowait()
         return None
 
     @property
     def exhausted(self) -> bool:
-        return all(ch.closed and not ch._q for ch in self.channels)
+        return self.detached or all(ch.closed and not ch._q for ch in self.channels)
 
     async def get(self) -> Batch | None:
         """The next batch, or None once every input is closed and drained."""

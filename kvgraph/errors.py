@@ -6,6 +6,8 @@
     ├── ConfigError               a value is unusable at run time (e.g. a missing env var)
     ├── NodeFailure               a running node cannot go on (a connection broken after retries)
     ├── ApiError                  a publish_* call got bad arguments (TypeError/ValueError too)
+    ├── ReloadError               a new version of a running graph was not applied (it is
+    │                             invalid, or a new node failed to start): what runs is as it was
     └── UsageError                the command line or API was called wrongly
         └── ListenError           an address to listen on is taken or unusable; nothing started
 
@@ -54,6 +56,17 @@ class NodeFailure(KvgraphError):
 
 class ApiError(KvgraphError, ValueError):
     """A ``publish_*`` call of the ``api`` source got arguments that describe no valid event."""
+
+
+class ReloadError(KvgraphError):
+    """A reload (``reconfigure``, SIGHUP, ``--watch``, ``POST /graph``) changed nothing: the new
+    graph is invalid (``outcome.diagnostics`` has every problem, with its line), a node it adds
+    or changes failed to start, or a node it replaces cannot hand over now. The running graph
+    goes on as it was. ``outcome`` is the :class:`kvgraph.reload.Outcome`."""
+
+    def __init__(self, message: str, outcome: object):
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class UsageError(KvgraphError):

@@ -46,9 +46,17 @@ class Edge:
     capacity_bytes: int = DEFAULT_CAPACITY_BYTES
 
     @property
+    def key(self) -> "EdgeKey":
+        """What identifies the edge across versions of a graph (a reload keeps its channel)."""
+        return (self.src, self.src_port, self.dst, self.dst_port)
+
+    @property
     def label(self) -> str:
         port = "" if self.src_port == DEFAULT_PORT else f".{self.src_port}"
         return f"{self.src}{port} -> {self.dst}"
+
+
+EdgeKey = tuple[str, str, str, str]
 
 
 @dataclass

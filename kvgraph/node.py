@@ -216,6 +216,14 @@ class NodeType:
     async def stop(self) -> None:
         """Release resources. Called once, after the node finished (or on abort)."""
 
+    async def adopt(self, old: "NodeType") -> None:
+        """A reload replaces ``old`` (the same type, other options) by this instance: take
+        over the state that must not start again (sequence tracking, event-id counters, a
+        dedup memory), and resources the new options leave as they were (a socket). Called
+        after ``old`` stopped reading, before ``old.stop()``, except when the two bind the same
+        address: then ``old`` has stopped and only its state can be taken. Take nothing the
+        new options make wrong. Default: nothing (a fresh start)."""
+
 
 class Source(NodeType):
     """Produces batches: :meth:`run` emits with ``await self.ctx.emit(batch)`` until it is done

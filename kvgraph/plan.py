@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .graph import Edge, Graph, Node
+from .graph import Edge, EdgeKey, Graph, Node
 
 SECRET = "***"
 
@@ -114,8 +114,8 @@ def _node_change(old: Node, new: Node) -> NodeChange | None:
     return change if change.options else None
 
 
-def _edges(g: Graph) -> dict[tuple[str, str, str, str], Edge]:
-    return {(e.src, e.src_port, e.dst, e.dst_port): e for e in g.edges}
+def _edges(g: Graph) -> dict[EdgeKey, Edge]:
+    return {e.key: e for e in g.edges}
 
 
 _EDGE_OPTIONS = ("capacity", "capacity_events", "capacity_bytes", "when_full")

@@ -32,10 +32,10 @@ from typing import Any, Mapping
 
 from . import envvars
 from .acks import Ack, Tracked, acks_of, release_all
-from .channel import Channel, Inbox
+from .channel import Channel, Inbox, resolve
 from .errors import ConfigError, NodeFailure, UsageError, listen_error
 from .event import Event, Rejected, batch_bytes
-from .graph import Graph, Node
+from .graph import Edge, EdgeKey, Graph, Node
 from .metrics import NodeMetrics
 from .node import DEFAULT_PORT, ERRORS_PORT, Kind, NodeType, Sink, Source, Transform
 from .tasks import TaskOwner, Timer
@@ -107,6 +107,19 @@ class NodeContext:
         self.runtime_node: Any = None
         self.current_acks: tuple[Ack, ...] = ()   # of the batch a transform is processing
         self.held_acks: list[Ack] = []            # inputs a holding transform has not passed on
+        #: Set when this instance is being replaced by a reload: its loop ends at a batch
+        #: boundary and its output edges stay open for the successor.
+        self.detached = False
+        self.emitting = 0        # emits in progress: a reload rewires outlets between them
+        self._quiet: list[asyncio.Future[None]] = []
+
+    async def quiet(self) -> None:
+        """Return once no emit of this node is in progress (a reload may then change which
+        edges its ports feed without a batch being half sent)."""
+        while self.emitting:
+            fut = asyncio.get_running_loop().create_future()
+            self._quiet.append(fut)
+            await fut
 
     def spawn(self, coro: Any, name: str = "") -> "asyncio.Task[Any]":
         """Start a helper task the runtime owns: an exception in it is reported and follows
@@ -139,10 +152,16 @@ class NodeContext:
                 passed_on = tuple(self.held_acks)
                 self.held_acks.clear()
                 acks = acks + passed_on
+        self.emitting += 1
         try:
             await self._emit(batch, port, acks)
         finally:
             release_all(passed_on)
+            self.emitting -= 1
+            if not self.emitting and self._quiet:
+                for fut in self._quiet:
+                    resolve(fut)
+                self._quiet.clear()
 
     async def _emit(self, batch: list[Any], port: str, acks: tuple[Ack, ...]) -> None:
         if acks:
@@ -194,6 +213,10 @@ class NodeContext:
         return Rejected(node=self.node_id, reason=reason, event=event, raw=raw, ts=time.time())
 
     def close_outputs(self) -> None:
+        """The node is done: its output edges end (not when it was detached by a reload, whose
+        successor goes on sending on them)."""
+        if self.detached:
+            return
         for chans in self.outlets.values():
             for ch in chans:
                 ch.close()
@@ -263,6 +286,15 @@ class Runtime:
         self.started_at = 0.0
         self._stopping: asyncio.Event | None = None
         self._started: list[str] = []
+        self.edge_channels: dict[EdgeKey, Channel] = {}
+        #: Reloads (:mod:`kvgraph.reload`): one at a time; their outcomes, for /metrics.
+        self.reload_lock = asyncio.Lock()
+        self.reloads: dict[str, int] = {}
+        self.last_reload: Any = None
+        #: How long a node being replaced or removed by a reload may take to hand over
+        #: (drain its current batch, confirm what it wrote) before it is cancelled.
+        self.reload_timeout_s = 10.0
+        self.removed_lost: dict[str, int] = {}   # the losses of nodes a reload removed
 
     # -- building ---------------------------------------------------------------------------
 
@@ -272,28 +304,65 @@ class Runtime:
             names = ", ".join(f"{n.id} ({n.kind} {n.type.name})" for n in missing)
             raise UsageError(f"these nodes' types are declared but cannot run yet: {names}")
         self._stopping = asyncio.Event()
-        configs = {nid: resolve_config(n, self.environ) for nid, n in self.graph.nodes.items()}
-        outlets: dict[str, dict[str, list[Channel]]] = {nid: {} for nid in self.graph.nodes}
-        inputs: dict[str, list[Channel]] = {nid: [] for nid in self.graph.nodes}
-        for e in self.graph.edges:
-            ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst, e.capacity_events,
-                         e.capacity_bytes)
-            ch.on_drop_queued = lambda b: release_all(acks_of(b), failed=True)
-            self.channels.append(ch)
-            outlets[e.src].setdefault(e.src_port, []).append(ch)
-            inputs[e.dst].append(ch)
+        self.edge_channels = {e.key: self.make_channel(e) for e in self.graph.edges}
+        self.channels = list(self.edge_channels.values())
         for nid, node in self.graph.nodes.items():
-            ctx = NodeContext(node, configs[nid], self.base_dir, outlets[nid], self._stopping)
-            ctx.tasks.on_error = lambda name, exc, nid=nid: self._helper_failed(nid, name, exc)
+            outlets, inputs = self.wiring(nid, self.graph, self.edge_channels)
+            inst = self.make_node(node, outlets)
             if node.kind is not Kind.SOURCE:
-                ctx.inbox = Inbox(inputs[nid])
-            self.contexts[nid] = ctx
-            self.nodes[nid] = ctx.runtime_node = node.type(ctx)
+                inst.ctx.inbox = Inbox(inputs)
+            self.contexts[nid] = inst.ctx
+            self.nodes[nid] = inst
 
-    def _start_order(self) -> list[str]:
+    def make_channel(self, e: Edge) -> Channel:
+        """The channel of edge ``e``."""
+        ch = Channel(e.label, e.capacity, e.when_full, e.src, e.dst, e.capacity_events,
+                     e.capacity_bytes)
+        ch.on_drop_queued = lambda b: release_all(acks_of(b), failed=True)
+        return ch
+
+    @staticmethod
+    def wiring(nid: str, graph: Graph, channels: Mapping[EdgeKey, Channel]
+               ) -> tuple[dict[str, list[Channel]], list[Channel]]:
+        """Node ``nid``'s outlets (port -> channels) and input channels in ``graph``."""
+        outlets: dict[str, list[Channel]] = {}
+        inputs: list[Channel] = []
+        for e in graph.edges:
+            if e.src == nid:
+                outlets.setdefault(e.src_port, []).append(channels[e.key])
+            if e.dst == nid:
+                inputs.append(channels[e.key])
+        return outlets, inputs
+
+    def make_node(self, node: Node, outlets: dict[str, list[Channel]],
+                  metrics: NodeMetrics | None = None) -> NodeType:
+        """A node instance, not started. ``metrics``: an instance it replaces keeps counting
+        in the same counters (Prometheus counters never go back)."""
+        ctx = NodeContext(node, resolve_config(node, self.environ), self.base_dir, outlets,
+                          asyncio.Event())
+        if metrics is not None:
+            ctx.metrics = metrics
+        nid = node.id
+        ctx.tasks.on_error = lambda name, exc: self._helper_failed(nid, name, exc)
+        inst = ctx.runtime_node = node.type(ctx)
+        return inst
+
+    def start_order(self, graph: Graph, ids: Any) -> list[str]:
+        """Sinks first, then transforms, then sources; downstream before upstream."""
         rank = {Kind.SINK: 0, Kind.TRANSFORM: 1, Kind.SOURCE: 2}
-        topo = {nid: i for i, nid in enumerate(reversed(self.graph.topological_order()))}
-        return sorted(self.nodes, key=lambda n: (rank[self.graph.nodes[n].kind], topo[n]))
+        topo = {nid: i for i, nid in enumerate(reversed(graph.topological_order()))}
+        return sorted(ids, key=lambda n: (rank[graph.nodes[n].kind], topo[n]))
+
+    def spawn(self, nid: str) -> None:
+        """Launch the task of the started node ``nid``."""
+        node = self.nodes[nid]
+        if isinstance(node, Source):
+            coro = self._run_source(node)
+        elif isinstance(node, Transform):
+            coro = self._run_transform(node)
+        else:
+            coro = self._run_sink(node)  # type: ignore[arg-type]
+        self.tasks[nid] = self.owner.spawn(coro, nid)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -301,7 +370,8 @@ class Runtime:
         """Build, start every node (sinks first) and launch the node tasks."""
         self._build()
         self.started_at = time.monotonic()
-        for nid in self._start_order():
+        order = self.start_order(self.graph, self.nodes)
+        for nid in order:
             try:
                 await self.nodes[nid].start()
             except asyncio.CancelledError:  # start-up abandoned: close what was opened
@@ -314,24 +384,21 @@ class Runtime:
                     raise listen from exc
                 raise NodeFailure(f"node {nid!r} failed to start: {exc}") from exc
             self._started.append(nid)
-        for nid in self._start_order():
-            node = self.nodes[nid]
-            if isinstance(node, Source):
-                coro = self._run_source(node)
-            elif isinstance(node, Transform):
-                coro = self._run_transform(node)
-            else:
-                coro = self._run_sink(node)  # type: ignore[arg-type]
-            self.tasks[nid] = self.owner.spawn(coro, nid)
+        for nid in order:
+            self.spawn(nid)
 
     def request_stop(self) -> None:
         """Stop the sources; everything already produced drains and is delivered."""
         if self._stopping is None or self._stopping.is_set():
             return
         self._stopping.set()
-        for node in self.nodes.values():
+        for nid, node in self.nodes.items():
+            ctx = self.contexts[nid]
+            ctx.stopping.set()
             if isinstance(node, Source):
                 node.on_stop()
+            elif ctx.inbox is not None:   # a serving sink waiting for its first input edge
+                ctx.inbox.wake()
 
     @property
     def stopping(self) -> bool:
@@ -362,7 +429,8 @@ class Runtime:
         return self.result()
 
     def result(self) -> RunResult:
-        lost = {nid: c.metrics.lost for nid, c in self.contexts.items() if c.metrics.lost}
+        lost = {**self.removed_lost,
+                **{nid: c.metrics.lost for nid, c in self.contexts.items() if c.metrics.lost}}
         return RunResult(ok=not self.failures and not self.aborted and not self.lost_events
                          and not lost,
                          aborted=self.aborted, failures=dict(self.failures),
@@ -394,6 +462,16 @@ class Runtime:
     async def __aexit__(self, *exc: Any) -> None:
         self.request_stop()
         await self.wait()
+
+    async def reconfigure(self, text: str, source: str = "reconfigure()") -> Any:
+        """Apply a new version of the graph (TOML ``text``) while it runs, and return the
+        :class:`kvgraph.reload.Outcome` (its ``plan`` says what changed). Unchanged nodes go
+        on untouched; nothing in flight is lost. Raises :class:`~kvgraph.errors.ReloadError`
+        when nothing was applied (the text is invalid, a new node failed to start): the graph
+        runs on as it was. See :mod:`kvgraph.reload`."""
+        from .reload import reconfigure
+
+        return await reconfigure(self, text, source)
 
     def publisher(self, node_id: str) -> Any:
         """The publisher object of a running ``api`` source (or any node offering one)."""
@@ -458,7 +536,7 @@ class Runtime:
         ctx = node.ctx
         try:
             await node.run()
-            if not self.stopping:  # a finite source (a recording, max_events) reached its end
+            if not ctx.stopping.is_set():  # a finite source (a recording...) reached its end
                 log.info("[%s] finished: %d events", node.id, ctx.metrics.events_out)
         except asyncio.CancelledError:
             raise
@@ -514,9 +592,8 @@ class Runtime:
         assert inbox is not None
         m = ctx.metrics
         held = _Unconfirmed(node)
-        if node.serves and not inbox.channels:   # a server with no input: until stopped
-            assert self._stopping is not None
-            await self._stopping.wait()
+        while node.serves and not inbox.channels and not ctx.stopping.is_set():
+            await inbox.wait()   # a server with no input: until stopped, or given an input
         try:
             while True:
                 batch = inbox.get_nowait()

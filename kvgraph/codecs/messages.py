@@ -221,6 +221,12 @@ class MessageEncoder:
                 out.append((key, payload, n, self._msg_id(origin, chunk)))
         return out, bad
 
+    def continue_from(self, old: "MessageEncoder") -> None:
+        """A reload replaced the sink (:meth:`kvgraph.node.NodeType.adopt`): event ids
+        (contiguous per worker and rank), message ids and the envelope's publisher and
+        sequence go on from where ``old`` stopped, as if one sink had sent everything."""
+        self.ids, self._msg_seq, self.envelope = old.ids, old._msg_seq, old.envelope
+
     def _msg_id(self, origin: tuple[Any, ...] | None, chunk: int) -> str:
         if origin is None:
             self._msg_seq += 1

@@ -84,6 +84,10 @@ class LedgerSink:
         for name in ("resent_messages", "held_events"):
             self.metrics.extra.setdefault(name, 0)   # type: ignore[attr-defined]
 
+    async def adopt(self, old: Any) -> None:
+        """Event and message ids go on from the replaced sink (see ``continue_from``)."""
+        self.encoder.continue_from(old.encoder)   # type: ignore[attr-defined]
+
     async def write(self, batch: list[Any]) -> None:
         messages, bad = self.encoder.encode_identified(batch)   # type: ignore[attr-defined]
         await self.ctx.reject(bad)   # type: ignore[attr-defined]

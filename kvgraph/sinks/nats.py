@@ -119,6 +119,10 @@ class NatsSink(NatsProbe, Sink):
         if await ensure_stream(self.js, c, subject):
             self.log.info("created JetStream stream %s for %s", c["stream"], subject)
 
+    async def adopt(self, old: "NatsSink") -> None:
+        """Event ids go on from the replaced sink (see ``MessageEncoder.continue_from``)."""
+        self.encoder.continue_from(old.encoder)
+
     def _connection_lost(self) -> None:
         """nats-py's disconnect callback: what was sent on the old connection is unconfirmed."""
         self._gen += 1

@@ -62,6 +62,9 @@ class _Stream:
     # content hashes of batches applied from a replay: a live copy of one of them arriving
     # late is a duplicate, not a restart (seq <= last means "restart" only for new content)
     replayed: dict[int, int] = field(default_factory=dict)
+    # a reload gave the stream to a new socket that overlaps the old one: batches up to
+    # ``last`` arrive again once, and are skipped, until the first new one
+    handover: bool = False
 
 
 @dataclass
@@ -100,6 +103,17 @@ class SeqStreams:
         for name in ("seq_gaps", "seq_missing", "seq_resets", "seq_lost", "replays",
                      "replayed_batches", "late_duplicates", "seq_duplicates", "seq_anomalies"):
             metrics.extra.setdefault(name, 0)
+
+    def continue_from(self, old: "SeqStreams", overlapping: bool) -> None:
+        """A reload replaced the source: every stream goes on from its last seq, so that a
+        batch missed in the swap is a gap (repaired or reported), not silence.
+        ``overlapping``: the new socket may receive again batches the old one read; they are
+        skipped once, up to the first new one (an engine restart in that window is then seen
+        only at its first batch past the old ``last``)."""
+        self.streams, self.replays = old.streams, old.replays
+        if overlapping:
+            for st in self.streams.values():
+                st.handover = True
 
     def held_batches(self) -> int:
         """Batches held for replays in flight."""
@@ -161,6 +175,11 @@ class SeqStreams:
                              f"more than {MAX_HELD_BATCHES} live batches arrived during the replay")
             return
         last = st.last
+        if st.handover:
+            if last is not None and seq <= last:
+                self.metrics.extra["late_duplicates"] += 1   # the old socket read it
+                return
+            st.handover = False
         if (last is None or seq == last + 1) and seq < SEQ_LIMIT:
             st.last = seq
             st.last_payload = payload

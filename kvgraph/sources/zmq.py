@@ -157,6 +157,7 @@ class ZmqSource(Source):
         for ep in endpoints:
             (sock.bind if c["bind"] else sock.connect)(ep)
         self._sock = sock
+        self._was_heard = False   # a message came (here, or to the instance this one replaced)
         self._ahead: deque[list[bytes] | _Dropped] = deque()   # read while the output edge was full
         self._ahead_bytes = 0
         self.metrics.extra.setdefault("read_ahead_dropped", 0)
@@ -187,6 +188,27 @@ class ZmqSource(Source):
         # message says so (see run), and so does a warning while none has come.
         self.log.info("%s %s; waiting for the first message", "bound to" if c["bind"]
                       else "connecting to", self._endpoints)
+
+    async def adopt(self, old: "ZmqSource") -> None:
+        """A reload changed this node. With the same connection options it takes the old
+        instance's sockets, read-ahead and sequence tracking as they are: not one message
+        is missed. With the same endpoints but other socket options (``topic``, ``hwm``...),
+        its own sockets connected before the old ones closed: it takes the sequence
+        tracking, skips what both read, and a batch missed in between is a gap (replayed or
+        reported lost). With other endpoints it starts afresh."""
+        same = all(self.config.get(k) == old.config.get(k) for k in _CONNECTION)
+        self._was_heard = getattr(old, "_was_heard", False)
+        if same and getattr(old, "_sock", None) is not None:
+            await self.stop()   # the sockets this instance opened at start
+            for name in ("_sock", "_dealers", "_readable", "_reconnector", "_ahead",
+                         "_ahead_bytes"):
+                setattr(self, name, getattr(old, name))
+            old._sock, old._dealers, old._readable, old._reconnector = None, {}, None, None
+            self.streams.continue_from(old.streams, overlapping=False)
+        elif self._endpoints == old._endpoints:
+            self.streams.continue_from(old.streams, overlapping=True)
+        else:
+            self._was_heard = False
 
     def _request(self, rank: int, start: int) -> bool:
         """Ask rank's replay endpoint for every buffered batch from ``start`` on."""
@@ -259,7 +281,10 @@ class ZmqSource(Source):
                     await emit(events)
             if rejected:
                 await reject(rejected)
-            if got and silence.waiting:
+            if got and silence.waiting and self._was_heard:
+                silence.heard()   # the instance this one replaced had heard the engine
+            elif got and silence.waiting:
+                self._was_heard = True
                 self.log.info("first message from %s after %.1f s", self._endpoints,
                               silence.heard())
             if not events and not rejected:
@@ -381,6 +406,10 @@ class ZmqSource(Source):
 
 
 IDLE_WAIT_MIN_S, IDLE_WAIT_MAX_S = 0.01, 0.25
+#: The options that make the sockets: equal in the old and new configuration, a reload hands
+#: the sockets over.
+_CONNECTION = ("endpoint", "topic", "bind", "replay_endpoint", "dp_ranks",
+               "dp_rank_port_offset", "hwm", "max_frame_bytes")
 
 
 class _Dropped:

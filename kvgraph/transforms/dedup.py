@@ -39,6 +39,10 @@ class Dedup(Transform):
         for name in ("unknown_removes", "duplicate_stores", "forgotten"):
             self.metrics.extra.setdefault(name, 0)
 
+    async def adopt(self, old: "Dedup") -> None:
+        """The counts go on (a fresh memory would pass removes it should drop)."""
+        self._counts = old._counts
+
     async def process(self, batch: list[Event]) -> None:
         out: list[Event] = []
         counts_of = self._counts

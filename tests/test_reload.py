@@ -1,0 +1,172 @@
+"""Recomposing a running graph (kvgraph.reload): what is unchanged runs on untouched, what
+changes is swapped without losing or reordering an event, and a reload that cannot be applied
+changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+import pytest
+
+from kvgraph.errors import ReloadError
+from kvgraph.testing import capture, free_port, run_text, wait_for
+from tests.helpers import GraphFile
+
+
+
+def relay(keep: list[str] | None = None, delay_ms: int = 0, *extra: str) -> GraphFile:
+    """engine (api) -> keep (filter) -> out (a capture sink that may be slowed)."""
+    g = (GraphFile("relay")
+         .node("engine", "api", worker_id=1, block_size=4)
+         .node("keep", "filter", kinds=keep or ["stored", "removed", "cleared"])
+         .node("out", "slow", delay_ms=delay_ms)
+         .edge("engine", "keep", capacity=4).edge("keep", "out", capacity=4))
+    return g
+
+
+class Publisher:
+    """Publishes removed events with hashes 1, 2, 3... as fast as the graph takes them, so
+    that a reload always lands with events in flight."""
+
+    def __init__(self, rt) -> None:
+        self.pub = rt.publisher("engine")
+        self.sent = 0
+        self.stop = False
+
+    async def run(self) -> None:
+        while not self.stop:
+            for _ in range(20):
+                self.sent += 1
+                self.pub.publish_removed([self.sent])
+            await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def publishing(rt) -> AsyncIterator[Publisher]:
+    p = Publisher(rt)
+    task = asyncio.ensure_future(p.run())
+    try:
+        yield p
+    finally:
+        p.stop = True
+        await task
+
+
+def hashes(node: str) -> list[int]:
+    return [e.block_hashes[0] for e in capture(node)]
+
+
+async def test_swaps_of_a_transform_and_a_sink_under_load_lose_and_reorder_nothing():
+    async with run_text(relay().text()) as rt:
+        engine = rt.nodes["engine"]
+        async with publishing(rt) as p:
+            for i in range(20):   # the filter changes every time, the sink every other
+                await wait_for(lambda: len(capture("out")) > 0)
+                graph = relay(["removed", "stored"] if i % 2 == 0 else None,
+                              delay_ms=(i // 2) % 2)
+                outcome = await rt.reconfigure(graph.text())
+                assert outcome.result == "applied"
+                assert [c.id for c in outcome.plan.changed] == \
+                    (["keep", "out"] if i % 2 == 0 and i else ["keep"])
+        assert rt.nodes["engine"] is engine   # unchanged: never touched
+    assert hashes("out") == list(range(1, p.sent + 1))
+    assert rt.result().ok and rt.reloads == {"applied": 20}
+
+
+async def test_an_added_sink_gets_every_event_from_its_start_and_a_removed_one_drains():
+    both = relay().node("copy", "capture").edge("keep", "copy")
+    async with run_text(relay().text()) as rt:
+        async with publishing(rt) as p:
+            await wait_for(lambda: p.sent > 100)
+            outcome = await rt.reconfigure(both.text())
+            assert outcome.plan.added == ["copy (sink capture)"]
+            assert outcome.plan.edges_added == ["keep -> copy"]
+            await wait_for(lambda: len(capture("copy")) > 200)
+            await rt.reconfigure(relay().text())
+            copied = hashes("copy")
+            await wait_for(lambda: p.sent > copied[-1] + 200)
+        assert "copy" not in rt.nodes and hashes("copy") == copied   # it ended when removed
+    assert copied == list(range(copied[0], copied[-1] + 1))
+    assert hashes("out") == list(range(1, p.sent + 1))
+
+
+async def test_a_new_source_starts_after_its_consumers_and_a_removed_one_stops():
+    second = (relay().node("engine2", "api", worker_id=2, block_size=4)
+              .edge("engine2", "keep"))
+    async with run_text(relay().text()) as rt:
+        await rt.reconfigure(second.text())
+        rt.publisher("engine2").publish_removed([7])
+        await wait_for(lambda: [e.worker_id for e in capture("out")] == [2])
+        await rt.reconfigure(relay().text())
+        assert "engine2" not in rt.nodes
+        rt.publisher("engine").publish_removed([8])
+        await wait_for(lambda: len(capture("out")) == 2)
+    assert rt.result().ok
+
+
+async def test_an_invalid_file_changes_nothing_and_says_where():
+    async with run_text(relay().text()) as rt:
+        before = dict(rt.nodes)
+        bad = relay().node("ghost", "nosuchtype").text()
+        with pytest.raises(ReloadError) as caught:
+            await rt.reconfigure(bad, source="graph.toml")
+        outcome = caught.value.outcome
+        assert outcome.result == "invalid"
+        where = [d for d in outcome.diagnostics if d.severity == "error"]
+        assert where and where[0].line > 0 and "nosuchtype" in where[0].message
+        assert rt.nodes == before and rt.reloads == {"invalid": 1}
+        rt.publisher("engine").publish_removed([1])
+        await wait_for(lambda: hashes("out") == [1])
+
+
+async def test_a_sink_that_cannot_bind_leaves_the_running_graph_untouched():
+    import zmq
+
+    taken = zmq.Context.instance().socket(zmq.PUB)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    mine = f"tcp://127.0.0.1:{free_port()}"
+    with_pub = relay().node("pub", "zmq", endpoint=mine).edge("keep", "pub")
+    try:
+        async with run_text(with_pub.text()) as rt:
+            before = dict(rt.nodes)
+            # changed to a taken port: the new instance fails to start; the old one runs on
+            moved = relay().node("pub", "zmq", endpoint=f"tcp://127.0.0.1:{port}") \
+                .edge("keep", "pub")
+            with pytest.raises(ReloadError, match="failed to start"):
+                await rt.reconfigure(moved.text())
+            # added on a taken port: the probe finds it before anything starts
+            added = with_pub.node("pub2", "zmq", endpoint=f"tcp://127.0.0.1:{port}") \
+                .edge("keep", "pub2")
+            with pytest.raises(ReloadError) as caught:
+                await rt.reconfigure(added.text())
+            assert caught.value.outcome.result == "invalid"
+            assert rt.nodes == before and rt.reloads == {"failed": 1, "invalid": 1}
+            assert rt.graph.nodes["pub"].options["endpoint"] == mine
+            rt.publisher("engine").publish_removed([1])
+            await wait_for(lambda: hashes("out") == [1])
+        assert rt.result().ok
+    finally:
+        taken.close(0)
+
+
+async def test_a_node_that_binds_the_same_address_is_swapped_old_out_new_in():
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    one = relay().node("pub", "zmq", endpoint=ep, hwm=1000).edge("keep", "pub")
+    two = relay().node("pub", "zmq", endpoint=ep, hwm=2000).edge("keep", "pub")
+    async with run_text(one.text()) as rt:
+        async with publishing(rt) as p:
+            await wait_for(lambda: p.sent > 100)
+            outcome = await rt.reconfigure(two.text())
+            assert [c.id for c in outcome.plan.changed] == ["pub"]
+            await wait_for(lambda: rt.contexts["pub"].metrics.events_in > 0)
+    assert hashes("out") == list(range(1, p.sent + 1))
+    assert rt.result().ok
+
+
+async def test_an_unchanged_text_is_no_change_and_reloads_queue():
+    async with run_text(relay().text()) as rt:
+        outcomes = await asyncio.gather(*(rt.reconfigure(relay(delay_ms=d).text())
+                                          for d in (1, 1, 2)))
+    assert [o.result for o in outcomes] == ["applied", "unchanged", "applied"]
