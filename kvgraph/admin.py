@@ -1,13 +1,18 @@
 """``POST /graph`` on a running graph's HTTP server (the one of ``--metrics-port``): send a new
-version of the graph file, get it checked against what runs and the plan of what it would
-change (:mod:`kvgraph.plan`).
+version of the graph file; it is checked against what runs, then applied (:mod:`kvgraph.reload`).
 
-``?dry_run=1`` is all there is today: the text is validated as ``kvgraph validate`` would (400
-with every diagnostic, lines included, when it is invalid), the nodes it adds are probed as
-``validate --connect`` would (servers answer, ports are free: 400 when not; changed nodes are
-not probed, since their running instance still holds what they need), and the answer is the
-plan (200). Applying it in place is issue 16's next step: without ``dry_run`` the answer is 501
-with the same check and plan, and nothing changes.
+* ``?dry_run=1`` only checks: the text is validated as ``kvgraph validate`` would (400 with
+  every diagnostic, lines included, when it is invalid), the nodes it adds are probed as
+  ``validate --connect`` would (servers answer, ports are free: 400 when not; changed nodes are
+  not probed, since their running instance still holds what they need), and the answer is the
+  plan (200), ``"applied": false``.
+* Without it the change is applied: 200 with the outcome (``result`` ``applied`` or
+  ``unchanged``, the plan, how long it took); 400 when the text is invalid; 409 when it could
+  not be applied (a new node failed to start, a sink to replace cannot confirm now). On 400 and
+  409 nothing changed.
+
+The server listens where ``--metrics-host`` says (127.0.0.1 by default): whoever can reach it
+can change the graph, as whoever can send the process a SIGHUP after editing its file.
 """
 
 from __future__ import annotations
@@ -50,10 +55,15 @@ async def handle_post_graph(rt: Any, request: Any) -> Any:
         text = (await request.read()).decode()
     except UnicodeDecodeError:
         return web.json_response({"error": "the graph text must be UTF-8"}, status=400)
-    status, body = await check_change(rt, text)
-    dry_run = request.query.get("dry_run", "") not in ("", "0", "false")
-    if status == 200 and not dry_run:
-        status = 501
-        body["error"] = ("applying a new graph to a running kvgraph is not available yet; "
-                         "POST /graph?dry_run=1 checks it and shows the plan")
-    return web.json_response(body, status=status)
+    if request.query.get("dry_run", "") not in ("", "0", "false"):
+        status, body = await check_change(rt, text)
+        return web.json_response(body, status=status)
+    from .errors import ReloadError
+
+    try:
+        outcome = await rt.reconfigure(text, source="POST /graph")
+    except ReloadError as exc:
+        out = exc.outcome
+        return web.json_response({"valid": out.result != "invalid", **out.as_json()},
+                                 status=400 if out.result == "invalid" else 409)
+    return web.json_response({"valid": True, **outcome.as_json()})

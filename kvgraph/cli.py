@@ -151,6 +151,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: give 1 or more")
+    if args.watch and args.workers > 1:
+        raise UsageError("--watch with --workers: reloading a graph shared out over processes "
+                         "is not supported; run one process per graph, or restart to change it")
     r = validate_file(args.file)
     if r.diagnostics and not (args.shard and r.graph is not None):  # workers: said once
         print(render_text(r.diagnostics, _colour(sys.stderr)), file=sys.stderr)
@@ -288,6 +291,7 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
 
     log = logging.getLogger("kvgraph")
     rt = Runtime(graph)
+    rt.reload_timeout_s = args.reload_timeout
     warnings = WarningBuffer()   # for the live view and /warnings
     logging.getLogger().addHandler(warnings)
     server = None
@@ -345,6 +349,9 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    reloads = _Reloads(rt, graph.path or args.file, log)
+    if not args.shard:   # a worker of --workers runs a share of the graph: not reloadable
+        loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
     for sig in early.take() if early else ():
         on_signal(sig)
     status = Status(rt, status_mode, args.status_interval, warnings=warnings)
@@ -366,6 +373,8 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
             orphan_watch = asyncio.create_task(watch_parent(os.getppid(), rt.request_stop))
         log.info("running %s: %d nodes, %d edges", graph.name, len(graph.nodes),
                  len(graph.edges))
+        if args.watch:
+            reloads.watch()
         result = await rt.wait()
         if abort_task:
             await abort_task[0]
@@ -380,8 +389,9 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
         await status.stop()
         if server is not None:
             await server.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        await reloads.close()
         logging.getLogger().removeHandler(warnings)
     print(prefix + totals(rt, result), file=sys.stderr)
     if args.report:
@@ -391,6 +401,56 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
     if timed_out:
         return EXIT_DRAIN_TIMEOUT
     return 0 if result.ok else 1
+
+
+class _Reloads:
+    """``kvgraph run``'s reloads of its graph file: on SIGHUP, and with ``--watch`` when the
+    file changes. Each reads the file and hands it to ``rt.reconfigure``, which logs the
+    outcome and its plan; the tasks are owned, and end with the run."""
+
+    def __init__(self, rt: Any, path: str, log: Any):
+        from .tasks import TaskOwner
+
+        self.rt, self.path, self.log = rt, path, log
+        self.owner = TaskOwner("kvgraph:reload", self._failed)
+        self.applied_text = Path(path).read_text(encoding="utf-8") if path else ""
+
+    def _failed(self, name: str, exc: BaseException) -> None:
+        self.log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+
+    def on_sighup(self) -> None:
+        if self.rt.stopping:
+            return
+        if not self.rt.tasks:
+            self.log.warning("SIGHUP during start-up: ignored; send it again once running")
+            return
+        self.log.info("SIGHUP: reading %s again", self.path)
+        self.owner.spawn(self._from_file(), "sighup")
+
+    async def _from_file(self) -> None:
+        try:
+            text = Path(self.path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.log.error("cannot read %s: %s; the running graph is unchanged", self.path, exc)
+            return
+        await self.apply(text)
+
+    async def apply(self, text: str) -> None:
+        from .errors import ReloadError
+
+        try:
+            await self.rt.reconfigure(text, source=self.path)
+        except ReloadError:
+            pass   # logged with its diagnostics; the graph runs on as it was
+
+    def watch(self) -> None:
+        from .watch import watch
+
+        self.log.info("--watch: applying %s again whenever it changes", self.path)
+        self.owner.spawn(watch(self.path, self.apply, self.applied_text), "watch")
+
+    async def close(self) -> None:
+        await self.owner.close()
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -473,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the graph in N processes: the source nodes are shared out "
                         "round-robin, every other node is copied (its type must allow it); "
                         "--metrics-port P serves worker I on P+I")
+    r.add_argument("--watch", action="store_true",
+                   help="apply FILE again whenever it changes (also when it is replaced "
+                        "through a symlink swap); SIGHUP applies it at once, with or without "
+                        "--watch")
+    r.add_argument("--reload-timeout", type=float, default=10.0, metavar="S",
+                   help="in a reload, how long a replaced or removed node may take to finish "
+                        "its batch and confirm what it wrote before it is cancelled (default 10)")
     r.add_argument("--shard", metavar="I/N", help=argparse.SUPPRESS)  # one worker's part
     r.set_defaults(func=cmd_run)
 

@@ -2,6 +2,8 @@
 
 * ``async with kvgraph.open("graph.toml") as g:`` runs the graph in the caller's event loop;
   ``g.publisher("engine")`` is the ``api`` node's publisher.
+* ``await g.reconfigure(text)`` (``bg.reconfigure(text)`` from any thread) applies a new
+  version of the graph while it runs and returns what it changed (:mod:`kvgraph.reload`).
 * ``kvgraph.start("graph.toml")`` runs it on a background thread with its own loop, for engines
   that have no asyncio loop; the publisher is thread-safe, ``stop()`` drains and joins. A
   program that exits without calling ``stop()`` still delivers what it published: an
@@ -71,6 +73,14 @@ class Background:
     def publisher(self, node_id: str) -> Any:
         assert self.runtime is not None
         return self.runtime.publisher(node_id)
+
+    def reconfigure(self, text: str, timeout: float | None = 60) -> Any:
+        """Apply a new version of the graph from any thread; returns the outcome (its
+        ``plan`` says what changed) or raises :class:`~kvgraph.errors.ReloadError`, the graph
+        unchanged. See :meth:`kvgraph.runtime.Runtime.reconfigure`."""
+        assert self._loop is not None and self.runtime is not None
+        return asyncio.run_coroutine_threadsafe(self.runtime.reconfigure(text),
+                                                self._loop).result(timeout)
 
     def stop(self, timeout: float | None = 60) -> RunResult | None:
         """Stop the sources, drain, and wait for the thread; returns how the run ended."""

@@ -70,6 +70,11 @@ class Snapshot:
     edges: dict[str, EdgeRow] = field(default_factory=dict)
     warnings: list[Warning_] = field(default_factory=list)
     at: float = field(default_factory=time.monotonic)
+    reloads: dict[str, float] = field(default_factory=dict)   # by result
+    last_reload_at: float | None = None                        # unix time
+    last_reload_ok: bool = True
+    #: the last reload's outcome and plan, one line each (a local view has them)
+    reload_lines: list[str] = field(default_factory=list)
 
 
 def snapshot(families: Iterable[Any], title: str, warnings: list[Warning_] | None = None
@@ -83,6 +88,16 @@ def snapshot(families: Iterable[Any], title: str, warnings: list[Warning_] | Non
             labels, value = s.labels, s.value
             if name == "kvgraph_uptime_seconds":
                 snap.up_s = max(snap.up_s, value)
+                continue
+            if name == "kvgraph_reloads" and not s.name.endswith("_created"):
+                result = labels.get("result", "")
+                snap.reloads[result] = snap.reloads.get(result, 0) + value
+                continue
+            if name == "kvgraph_last_reload_timestamp_seconds":
+                snap.last_reload_at = max(snap.last_reload_at or 0.0, value)
+                continue
+            if name == "kvgraph_last_reload_success":
+                snap.last_reload_ok = snap.last_reload_ok and bool(value)
                 continue
             if name.startswith("kvgraph_edge_") and "edge" in labels:
                 row = snap.edges.setdefault(labels["edge"], EdgeRow(labels["edge"]))
@@ -162,6 +177,15 @@ def render(snap: Snapshot, prev: Snapshot | None,
             edges.add_row(e.edge, f"[bold red]{fill}[/]" if full else fill, human(e.peak),
                           f"[red]{human(e.dropped)}[/]" if e.dropped else "0")
         parts += [Text(""), edges]
+    if snap.last_reload_at is not None:
+        counts = ", ".join(f"{human(n)} {r}" for r, n in snap.reloads.items() if n)
+        age = time.time() - snap.last_reload_at
+        parts += [Text(""), Text(f"reloads: {counts}; last {age:.0f} s ago"
+                                 + ("" if snap.last_reload_ok else ", refused"),
+                                 style="bold" if snap.last_reload_ok else "bold red")]
+        parts += [Text("  " + line) for line in snap.reload_lines[:MAX_RELOAD_LINES]]
+        if len(snap.reload_lines) > MAX_RELOAD_LINES:
+            parts.append(Text(f"  ... and {len(snap.reload_lines) - MAX_RELOAD_LINES} more"))
     parts.append(Text(""))
     if snap.warnings:
         parts.append(Text("warnings and errors (kept for 10 min)", style="bold"))
@@ -176,6 +200,20 @@ def render(snap: Snapshot, prev: Snapshot | None,
         parts.append(Text("no warnings", style="dim"))
     parts.append(Text(footer, style="dim"))
     return Group(*parts)
+
+
+#: Lines of the last reload's plan that the view shows.
+MAX_RELOAD_LINES = 8
+
+
+def reload_lines(outcome: Any) -> list[str]:
+    """The last reload as the live view shows it: its headline, then its plan."""
+    if outcome is None:
+        return []
+    lines = [outcome.headline() + (f": {outcome.error}" if outcome.error else "")]
+    if outcome.plan is not None and outcome.result != "unchanged":
+        lines += outcome.plan.lines()
+    return lines
 
 
 class WarningBuffer(logging.Handler):

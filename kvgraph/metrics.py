@@ -138,7 +138,32 @@ class GraphCollector:
         rt = self.rt
         nodes = [(c.metrics, c.node.type.metrics) for c in rt.contexts.values()]
         up = time.monotonic() - rt.started_at if rt.started_at else 0.0
-        return families(nodes, rt.channels, up)
+        yield from families(nodes, rt.channels, up)
+        yield from reload_families(rt.reloads, rt.last_reload)
+
+
+def reload_families(reloads: Mapping[str, int], last: Any) -> Iterator[Any]:
+    """Reloads of the running graph (:mod:`kvgraph.reload`): how many, by outcome, and the
+    last one's time and duration (absent until the first reload)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from .reload import RESULTS
+
+    fam = CounterMetricFamily("kvgraph_reloads", "Reloads of the graph file, by outcome: "
+                              "applied, unchanged, invalid, failed (nothing changed).",
+                              labels=["result"])
+    for result in RESULTS:
+        fam.add_metric([result], reloads.get(result, 0))
+    yield fam
+    if last is not None:
+        yield GaugeMetricFamily("kvgraph_last_reload_timestamp_seconds",
+                                "When the last reload was asked for (Unix time).", value=last.at)
+        yield GaugeMetricFamily("kvgraph_last_reload_duration_seconds",
+                                "How long the last reload took.", value=last.duration_s)
+        fam = GaugeMetricFamily("kvgraph_last_reload_success", "1 when the last reload was "
+                                "applied (or changed nothing), 0 when it was refused.")
+        fam.add_metric([], 1 if last.result in ("applied", "unchanged") else 0)
+        yield fam
 
 
 def registry_for(runtime: Any) -> Any:

@@ -97,7 +97,7 @@ class Status:
         from rich.console import Console
         from rich.live import Live
 
-        from .live import render, snapshot
+        from .live import reload_lines, render, snapshot
         from .metrics import GraphCollector
 
         collector = GraphCollector(self.rt)
@@ -110,6 +110,7 @@ class Status:
                 while True:
                     snap = snapshot(collector.collect(), self.rt.graph.name,
                                     self.warnings.current() if self.warnings else [])
+                    snap.reload_lines = reload_lines(self.rt.last_reload)
                     live.update(render(snap, prev), refresh=True)
                     prev = snap
                     await asyncio.sleep(1.0)

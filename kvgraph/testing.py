@@ -405,3 +405,79 @@ class KafkaBroker(ServerProcess):
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pool.submit(asyncio.run, create()).result()
+
+
+class PacedEngine:
+    """A test engine publishing on a real ZMQ socket at a steady pace, from a thread: batches
+    of ``per_batch`` removed events whose hashes count 1, 2, 3... (so that a subscriber can
+    check every one arrived, once, in order), with vLLM's frames and seq numbers.
+
+    The socket is an XPUB that binds (a PUB that connects may lose everything), so
+    :meth:`wait_subscribed` can wait for a subscriber instead of sleeping. ``sent_at[h]`` is
+    when hash ``h`` was sent (``time.monotonic``), for latency measurements."""
+
+    def __init__(self, endpoint: str, rate: float = 2000.0, per_batch: int = 4,
+                 topic: bytes = b"kv"):
+        import threading
+
+        import zmq
+
+        self.zmq, self.endpoint, self.topic = zmq, endpoint, topic
+        self.rate, self.per_batch = rate, per_batch
+        self.sock = zmq.Context.instance().socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.seq = 0
+        self.last_hash = 0
+        self.sent_at: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paced-engine", daemon=True)
+
+    def wait_subscribed(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000), self.zmq.POLLIN):
+                raise AssertionError(f"no subscriber on {self.endpoint} within {timeout} s")
+            if self.sock.recv()[:1] == b"\x01":
+                return
+
+    def start(self) -> "PacedEngine":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from .codecs.vllm import encode_payload
+        from .event import REMOVED, Event
+
+        period = self.per_batch / self.rate
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < next_at:
+                self._stop.wait(next_at - now)
+                continue
+            first = self.last_hash + 1
+            hashes = range(first, first + self.per_batch)
+            payload = encode_payload([Event(kind=REMOVED, worker_id=0, dp_rank=0,
+                                            block_hashes=[h]) for h in hashes], time.time())
+            sent = time.monotonic()
+            for h in hashes:
+                self.sent_at[h] = sent
+            self.sock.send_multipart([self.topic, self.seq.to_bytes(8, "big"), payload])
+            self.seq += 1
+            self.last_hash = hashes[-1]
+            next_at += period
+
+    def stop(self) -> int:
+        """Stop publishing; returns the last hash sent."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.last_hash
+
+    def close(self) -> None:
+        self.stop()
+        self.sock.close(0)

@@ -10,6 +10,7 @@ import time
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "graphs"
@@ -423,3 +424,37 @@ class KilledAndRestarted:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def metrics_page(port: int) -> str:
+    """The /metrics page of a ``kvgraph run --metrics-port`` (empty while it is not up)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return ""
+
+
+def metric(page: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a metrics page, or None."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in page.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == name + (f"{{{want}}}" if want else ""):
+            return float(value)
+    return None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0,
+               what: str = "condition") -> None:
+    """Poll ``predicate`` (from a thread, not an event loop) until true, within a deadline."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not met within {timeout} s")
+        time.sleep(0.05)

@@ -92,8 +92,8 @@ def post_graph(port: int, text: str, dry_run: bool = True) -> tuple[int, dict]:
 
 def test_post_graph_dry_run_checks_a_new_version_against_what_runs() -> None:
     """POST /graph?dry_run=1 on the metrics server: the plan of a valid change; the errors,
-    with lines, of an invalid one; a probe failure of an added node (its port is taken); and
-    without dry_run, 501: nothing is applied, the running graph is untouched."""
+    with lines, of an invalid one; a probe failure of an added node (its port is taken); none of
+    them changes the running graph. Without dry_run the change is applied."""
     import asyncio
     import socket
 
@@ -105,6 +105,9 @@ def test_post_graph_dry_run_checks_a_new_version_against_what_runs() -> None:
     grown = (GraphFile("live").node("engine", "api").node("keep", "filter", kinds=["stored"])
              .node("out", "null").node("audit", "file", path="audit.jsonl")
              .edge("engine", "keep").edge("keep", "out").edge("keep", "audit"))
+    audited = (GraphFile("live").node("engine", "api").node("keep", "filter", kinds=["stored"])
+               .node("out", "null").node("audit", "null")
+               .edge("engine", "keep").edge("keep", "out").edge("keep", "audit"))
     typo = GraphFile("live").node("engine", "api").node("keep", "filter", kinds=["evicted"])
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -119,14 +122,16 @@ def test_post_graph_dry_run_checks_a_new_version_against_what_runs() -> None:
             server = await serve_metrics(rt, "127.0.0.1", 0)
             try:
                 answers = [await asyncio.to_thread(post_graph, server.port, g.text(), dry)
-                           for g, dry in ((grown, True), (typo, True), (blocked, True),
-                                          (grown, False))]
+                           for g, dry in ((grown, True), (typo, True), (blocked, True))]
+                nodes = sorted(rt.graph.nodes)
+                answers.append(await asyncio.to_thread(post_graph, server.port,
+                                                       audited.text(), False))
             finally:
                 await server.close()
-            return answers, sorted(rt.graph.nodes)
+            return answers, nodes, sorted(rt.nodes)
 
     try:
-        (ok, bad, probe, applied), nodes = asyncio.run(go())
+        (ok, bad, probe, applied), before, after = asyncio.run(go())
     finally:
         taken.close()
     assert ok[0] == 200 and ok[1]["plan"]["added"] == ["audit (sink file)"]
@@ -135,5 +140,7 @@ def test_post_graph_dry_run_checks_a_new_version_against_what_runs() -> None:
     assert any(d["line"] and "'evicted' is not one of" in d["message"]
                for d in bad[1]["diagnostics"])
     assert probe[0] == 400 and any("again" in d["path"] for d in probe[1]["diagnostics"])
-    assert applied[0] == 501 and "dry_run=1" in applied[1]["error"]
-    assert nodes == ["engine", "keep", "out"]   # nothing changed
+    assert before == ["engine", "keep", "out"]   # none of the checks changed anything
+    assert applied[0] == 200 and applied[1]["result"] == "applied"
+    assert applied[1]["summary"][0] == "add     node audit (sink null)"
+    assert after == ["audit", "engine", "keep", "out"]
