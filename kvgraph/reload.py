@@ -342,6 +342,8 @@ class _Switch:
             ctx.inbox = Inbox([*inputs, *(ch for ch in self.retired if ch.dst == nid
                                           and ch not in inputs)])
         rt.nodes[nid], rt.contexts[nid] = inst, ctx
+        if rt.stopping:   # the graph was asked to stop during the reload: so is this node
+            ctx.stopping.set()
         if nid not in rt._started:
             rt._started.append(nid)
         rt.spawn(nid)
@@ -393,10 +395,12 @@ class _Switch:
     async def _remove_nodes(self) -> None:
         rt = self.rt
         for nid in self.removed:
-            inst = rt.nodes[nid]
+            inst, ctx = rt.nodes[nid], rt.contexts[nid]
+            ctx.stopping.set()   # a source stops; a server with no input (index) ends
             if isinstance(inst, Source):
-                rt.contexts[nid].stopping.set()
                 inst.on_stop()
+            elif ctx.inbox is not None:
+                ctx.inbox.wake()
         for nid in self.removed:   # each ends once its inputs are closed and drained
             await self._wait_task(nid, rt.tasks.get(nid))
         for nid in self.removed:
