@@ -11,8 +11,8 @@ time each event arrives. Latency is arrival minus send, per event.
 
 Two phases of ``--seconds`` each, on the same relay: first no reload; then a reload every
 ``--reload-every`` seconds through ``POST /graph``, each one changing the side path (the filter's
-options every time, the file sink's path every other time, and every fourth time the side path
-removed or added whole), so that the engine -> bus path is never changed: what it shows is
+options or the file sink's path every time, and every fourth time the side path removed, then
+added again whole), so that the engine -> bus path is never changed: what it shows is
 what a swap beside it costs, including the fan-out: the engine's batches go to both paths.
 The first second of each phase is not counted (warm-up).
 """
@@ -44,7 +44,7 @@ def version(engine: str, nats_url: str, tmp: Path, i: int) -> str:
     g = (GraphFile("reload-bench").node("engine", "zmq", endpoint=engine, worker_id=1)
          .node("bus", "nats", url=nats_url, subject=SUBJECT, format="jsonl")
          .edge("engine", "bus"))
-    if i % 8 < 6:   # the side path: there six versions in eight, changing every time
+    if i % 4 != 3:   # the side path: there three versions in four, changing every time
         g.node("side", "filter", kinds=["removed"] if i % 2 else ["stored", "removed"])
         g.node("audit", "file", path=str(tmp / f"audit{(i // 2) % 2}.jsonl"))
         g.edge("engine", "side").edge("side", "audit")

@@ -146,6 +146,8 @@ async def _reconfigure(rt: "Runtime", text: str, outcome: Outcome) -> None:
 
     if rt.stopping:
         raise refuse("failed", "the graph is stopping")
+    if not any(not t.done() for t in rt.tasks.values()):
+        raise refuse("failed", "the graph is not running (not started yet, or it ended)")
     v = validate_text(text, file=outcome.source, environ=rt.environ)
     outcome.diagnostics = list(v.diagnostics)
     if v.graph is None:

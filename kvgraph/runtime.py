@@ -423,7 +423,12 @@ class Runtime:
     async def wait(self) -> RunResult:
         """Wait until every node has finished; stop the nodes; report."""
         try:
-            await self.owner.join()   # a node task's exception went to _node_task_failed
+            while True:
+                await self.owner.join()   # a node task's exception went to _node_task_failed
+                if not self.reload_lock.locked():
+                    break
+                async with self.reload_lock:   # a reload between old and new tasks: its
+                    pass                       # new ones are waited for too
         finally:
             await self._stop_nodes()
         return self.result()
