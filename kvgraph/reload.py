@@ -241,6 +241,7 @@ class _Switch:
             try:
                 await self.fresh[nid].start()
             except Exception as exc:
+                await self._stop(self.fresh[nid])   # what it opened before it failed
                 await self._stop_fresh()
                 raise ReloadError(f"node {nid!r} failed to start: {type(exc).__name__}: "
                                   f"{exc}; the running graph is unchanged", None) from exc
@@ -303,6 +304,7 @@ class _Switch:
             try:
                 await new.start()
             except Exception as exc:
+                await self._stop(new)   # what it opened before it failed, then the old again
                 await self._restore(nid, old)
                 for prev_id, prev_old in reversed(done):
                     replaced = self.rt.nodes[prev_id]

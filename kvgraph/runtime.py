@@ -372,6 +372,7 @@ class Runtime:
         self.started_at = time.monotonic()
         order = self.start_order(self.graph, self.nodes)
         for nid in order:
+            self._started.append(nid)   # stopped too if it fails: what it opened is closed
             try:
                 await self.nodes[nid].start()
             except asyncio.CancelledError:  # start-up abandoned: close what was opened
@@ -383,7 +384,6 @@ class Runtime:
                 if listen is not None:
                     raise listen from exc
                 raise NodeFailure(f"node {nid!r} failed to start: {exc}") from exc
-            self._started.append(nid)
         for nid in order:
             self.spawn(nid)
 

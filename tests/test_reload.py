@@ -223,3 +223,49 @@ async def test_a_zmq_source_with_new_socket_options_loses_nothing_silently(tmp_p
     m = rt.result().metrics["e1"]
     assert len(got) + 4 * m["seq_lost"] == last
     assert len(capture("dead")) == m["seq_gaps"]
+
+
+async def test_a_failed_swap_of_a_node_that_binds_what_it_bound_restores_it():
+    """Old and new bind the same endpoint, so the old one stops first; the new one then fails
+    on its other port: the old configuration runs again, and no event is lost."""
+    import zmq
+
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    ep, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    one = relay().node("pub", "zmq", endpoint=ep, replay_endpoint=replay).edge("keep", "pub")
+    two = relay().node("pub", "zmq", endpoint=ep, replay_endpoint=f"tcp://127.0.0.1:{port}") \
+        .edge("keep", "pub")
+    try:
+        async with run_text(one.text()) as rt:
+            async with publishing(rt) as p:
+                await wait_for(lambda: p.sent > 100)
+                with pytest.raises(ReloadError, match="runs again as it was") as caught:
+                    await rt.reconfigure(two.text())
+                assert caught.value.outcome.result == "failed"
+                pub = rt.nodes["pub"]
+                assert pub.config["replay_endpoint"] == replay and not rt.failures
+                seen = pub.metrics.events_in
+                await wait_for(lambda: pub.metrics.events_in > seen + 100)
+        assert hashes("out") == list(range(1, p.sent + 1))
+        assert rt.result().ok
+    finally:
+        taken.close(0)
+
+
+async def test_the_live_view_shows_the_last_reload_and_its_plan():
+    from rich.console import Console
+
+    from kvgraph.live import reload_lines, render, snapshot
+    from kvgraph.metrics import GraphCollector
+
+    async with run_text(relay().text()) as rt:
+        await rt.reconfigure(relay(delay_ms=1).text())
+        snap = snapshot(GraphCollector(rt).collect(), rt.graph.name)
+        snap.reload_lines = reload_lines(rt.last_reload)
+    console = Console(record=True, width=120)
+    console.print(render(snap, None))
+    screen = console.export_text()
+    assert "reloads: 1 applied; last 0 s ago" in screen
+    assert "reload from reconfigure(): applied" in screen
+    assert "change  node out (sink slow): delay_ms 0 -> 1" in screen

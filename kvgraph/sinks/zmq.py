@@ -90,19 +90,19 @@ class ZmqSink(Sink):
         from ..proto.zmq import OwnContext
 
         self._zctx = OwnContext(asyncio=True)
-        sock = self._zctx.socket(zmq.PUB)
+        # sockets are kept before binding: after a failed bind, stop() still closes them (the
+        # context's termination waits for every socket)
+        sock = self._sock = self._zctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, c["hwm"])
         (sock.bind if c["bind"] else sock.connect)(c["endpoint"])
-        self._sock = sock
         self._topic = c["topic"].encode()
         self._seq = 0
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=c["buffer_steps"])
         self._replay_task: asyncio.Task[None] | None = None
         if "replay_endpoint" in c:
-            router = self._zctx.socket(zmq.ROUTER)
+            router = self._router = self._zctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.bind(c["replay_endpoint"])
-            self._router = router
             self._replay_task = self.ctx.spawn(self._serve_replay(), "replay")
 
     async def write(self, batch: list[Any]) -> None:
@@ -139,6 +139,7 @@ class ZmqSink(Sink):
         if getattr(self, "_replay_task", None) is not None:
             self._replay_task.cancel()
             await asyncio.wait((self._replay_task,))
+        if getattr(self, "_router", None) is not None:
             self._router.close(linger=0)
         if getattr(self, "_zctx", None) is not None:
             await self._zctx.close([getattr(self, "_sock", None)], self.config["linger_s"],

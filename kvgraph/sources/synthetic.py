@@ -95,10 +95,11 @@ class SyntheticSource(Source):
             from ..proto.zmq import OwnContext
 
             self._zctx = OwnContext()
-            sock = self._zctx.socket(zmq.XPUB)
+            # kept before binding: a failed bind still leaves a socket that stop() must close
+            # (the context's termination waits for every socket)
+            sock = self._sock = self._zctx.socket(zmq.XPUB)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.bind(c["zmq_endpoint"])
-            self._sock = sock
             self.log.info("publishing vLLM frames on %s", c["zmq_endpoint"])
             wait = c["zmq_wait_subscriber_s"]
             if wait:
