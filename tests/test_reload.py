@@ -269,3 +269,27 @@ async def test_the_live_view_shows_the_last_reload_and_its_plan():
     assert "reloads: 1 applied; last 0 s ago" in screen
     assert "reload from reconfigure(): applied" in screen
     assert "change  node out (sink slow): delay_ms 0 -> 1" in screen
+
+
+async def test_a_reload_that_would_replace_a_sink_in_an_outage_is_refused():
+    """Its server is away: replacing it would drop what it holds. Refused, nothing changed."""
+    from kvgraph.testing import NatsServer
+
+    server = NatsServer().start()
+
+    def bus(name: str) -> GraphFile:
+        return (GraphFile("bus").node("engine", "api")
+                .node("bus", "nats", url=server.url, subject="kv", name=name,
+                      reconnect_wait_s=0.1).edge("engine", "bus"))
+
+    try:
+        async with run_text(bus("a").text()) as rt:
+            sink = rt.nodes["bus"]
+            server.close()
+            await wait_for(lambda: not sink.can_confirm())
+            with pytest.raises(ReloadError, match="cannot confirm delivery now") as caught:
+                await rt.reconfigure(bus("b").text())
+            assert caught.value.outcome.result == "failed" and rt.nodes["bus"] is sink
+            rt.request_stop()
+    finally:
+        server.close()
