@@ -73,9 +73,9 @@ async def measure(args: argparse.Namespace) -> dict:
     graph = tmp / "graph.toml"
     graph.write_text(version(engine.endpoint, server.url, tmp, 0))
     port = free_port()
+    log = open(tmp / "relay.log", "w")   # a pipe nobody reads would fill and block it
     relay = subprocess.Popen([sys.executable, "-m", "kvgraph", "run", str(graph), "--status",
-                              "off", "--metrics-port", str(port)], stderr=subprocess.PIPE,
-                             text=True)
+                              "off", "--metrics-port", str(port)], stderr=log)
     arrived: dict[int, float] = {}
     nc = await nats.connect(server.url)
 
@@ -114,6 +114,7 @@ async def measure(args: argparse.Namespace) -> dict:
         engine.close()
         await nc.close()
         terminate(relay)
+        log.close()
         server.close()
     missing = [h for h in range(1, last + 1) if h not in arrived]
     out: dict = {"rate": args.rate, "seconds": args.seconds, "reloads": len(reloads),

@@ -149,6 +149,7 @@ async def _reconfigure(rt: "Runtime", text: str, outcome: Outcome) -> None:
     if not any(not t.done() for t in rt.tasks.values()):
         raise refuse("failed", "the graph is not running (not started yet, or it ended)")
     v = validate_text(text, file=outcome.source, environ=rt.environ)
+    await asyncio.sleep(0)   # validating took the loop for a millisecond: let batches move
     outcome.diagnostics = list(v.diagnostics)
     if v.graph is None:
         raise refuse("invalid", "the new graph is invalid; nothing changed")
