@@ -6,8 +6,8 @@ import re
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-from ..node import (JsonSchema, Problem, boolean, counter, gauge, number, one_or_many,
-                    string)
+from ..node import (JsonSchema, Problem, boolean, counter, gauge, integer, number,
+                    one_or_many, string)
 
 _URL = re.compile(r"^(nats|tls|ws|wss)://(?:[^@/\s]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)"
                   r"(?::(\d{1,5}))?/?$")
@@ -40,6 +40,16 @@ JETSTREAM_OPTIONS: dict[str, JsonSchema] = {
     "jetstream": boolean("Use JetStream (durable, acknowledged) instead of core NATS.", False),
     "stream": string("JetStream stream name."),
     "create_stream": boolean("Create the stream at start if it does not exist.", False),
+    "replicas": integer("Copies of the stream a cluster keeps (JetStream `num_replicas`): 3 "
+                        "survives the loss of one server of three. Used when the node creates "
+                        "the stream; an existing stream with another count is reported.", 1,
+                        minimum=1, maximum=5),
+    "partitions": integer("Partition the stream by worker (JetStream): stored subjects become "
+                          "`STREAM.part.P.<the subject's wildcards>`, P = NATS's "
+                          "`partition(N, worker token)`, so that each worker's events stay in "
+                          "one partition, in order. The subject must hold the worker id as a "
+                          "token (`{worker_id}` in a sink's subject, `*` in a source's). "
+                          "0: not partitioned.", 0, minimum=0, maximum=1024),
 }
 
 
@@ -232,22 +242,100 @@ class NatsProbe:
         return await probe(config, stream_needed=True)
 
 
-async def ensure_stream(js: Any, config: Mapping[str, Any], subject: str) -> bool:
-    """Check that the configured JetStream stream exists; create it when ``create_stream`` is
-    set (True when it did). A missing stream otherwise stops the node at start."""
+def worker_token(template: str) -> int:
+    """Which wildcard (1-based) of a sink's stream subject holds the worker id (0: none)."""
+    import re
+
+    names = re.findall(r"\{(worker_id|dp_rank)\}", template)
+    return names.index("worker_id") + 1 if "worker_id" in names else 0
+
+
+def check_partitions(options: Mapping[str, Any], subject: str) -> Iterable[Problem]:
+    """A partitioned stream needs JetStream and a worker token in the subject."""
+    if not options["partitions"]:
+        return
+    if not options.get("jetstream"):
+        yield Problem("partitions", "partitions need jetstream = true and a stream")
+    if "*" not in subject.split("."):
+        yield Problem("partitions", f"subject {options['subject']!r} has no worker token to "
+                      "partition on", hint="put the worker id in the subject: "
+                      "kv.events.{worker_id} (a sink), kv.events.* (a source)")
+
+
+def stream_subject(template: str) -> str:
+    """The subject a stream listens on for a sink's subject template (placeholders as ``*``)."""
+    return template.replace("{worker_id}", "*").replace("{dp_rank}", "*")
+
+
+def partition_transform(subject: str, stream: str, partitions: int,
+                        worker_token: int | None = None) -> tuple[str, str]:
+    """(source, destination) of the stream's subject transform that partitions it by worker:
+    ``kv.events.*`` -> ``STREAM.part.{{partition(N,1)}}.{{wildcard(1)}}``. The worker token is
+    the first wildcard unless ``worker_token`` (1-based, among the wildcards) says otherwise."""
+    wildcards = subject.split(".").count("*")
+    if wildcards == 0:
+        raise ValueError(f"subject {subject!r} has no wildcard token for the worker id")
+    token = worker_token or 1
+    rest = ".".join(f"{{{{wildcard({i})}}}}" for i in range(1, wildcards + 1))
+    return subject, f"{stream}.part.{{{{partition({partitions},{token})}}}}.{rest}"
+
+
+def partition_subject(stream: str, partition: int) -> str:
+    """What a consumer of one partition filters on."""
+    return f"{stream}.part.{partition}.>"
+
+
+async def ensure_stream(js: Any, config: Mapping[str, Any], subject: str,
+                        log: Any = None, worker_token: int = 1) -> bool:
+    """Check that the configured JetStream stream exists, with the configured partitions (and
+    replicas: a different count is said, not fatal); create it when ``create_stream`` is set
+    (True when it did). A missing stream otherwise stops the node at start. ``subject`` is what
+    the stream listens on (wildcards for the worker, when partitioned)."""
+    from nats.js.api import StreamConfig, SubjectTransform
     from nats.js.errors import NotFoundError
 
     from ..errors import NodeFailure
 
+    name, partitions = config["stream"], config["partitions"]
     try:
-        await js.stream_info(config["stream"])
-        return False
+        info = await js.stream_info(name)
     except NotFoundError:
         if not config.get("create_stream"):
-            raise NodeFailure(f"JetStream stream {config['stream']!r} does not exist; create it "
+            raise NodeFailure(f"JetStream stream {name!r} does not exist; create it "
                               "or set create_stream = true") from None
-    kwargs: dict[str, Any] = {"name": config["stream"], "subjects": [subject]}
+        info = None
+    if info is not None:
+        _check_stream(info.config, config, subject, log)
+        return False
+    sc = StreamConfig(name=name, subjects=[subject], num_replicas=config["replicas"])
     if config.get("dedup_window_s"):
-        kwargs["duplicate_window"] = config["dedup_window_s"]
-    await js.add_stream(**kwargs)
+        sc.duplicate_window = config["dedup_window_s"]
+    if partitions:
+        src, dest = partition_transform(subject, name, partitions, worker_token)
+        sc.subject_transform = SubjectTransform(src=src, dest=dest)
+    try:
+        await js.add_stream(sc)
+    except Exception as exc:
+        if "already in use" not in str(exc):   # another node created it meanwhile: check it
+            raise
+        _check_stream((await js.stream_info(name)).config, config, subject, log)
+        return False
     return True
+
+
+def _check_stream(sc: Any, config: Mapping[str, Any], subject: str, log: Any) -> None:
+    from ..errors import NodeFailure
+
+    name, partitions = config["stream"], config["partitions"]
+    transform = getattr(sc, "subject_transform", None)
+    have = 0
+    if transform is not None and ".part.{{partition(" in (transform.dest or ""):
+        have = int(transform.dest.split("{{partition(")[1].split(",")[0])
+    if have != partitions:
+        raise NodeFailure(f"JetStream stream {name!r} has {have or 'no'} partitions, the graph "
+                          f"asks for {partitions or 'none'}; a stream's partitioning is fixed "
+                          "when it is created: use another stream, or match it")
+    if (sc.num_replicas or 1) != config["replicas"] and log is not None:
+        log.warning("JetStream stream %s keeps %d replica(s), the graph asks for %d (set when "
+                    "the stream was created; `nats stream edit %s --replicas %d` changes it)",
+                    name, sc.num_replicas or 1, config["replicas"], name, config["replicas"])

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 from ..errors import NodeFailure
 from ..node import CheckContext, Sink, Problem, number, string
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
-from ..proto.nats import NATS_METRICS
+from ..proto.nats import NATS_METRICS, check_partitions, stream_subject
 from ..node import counter, gauge
 from ..registry import register
 from ..codecs.messages import encoding_options
@@ -70,6 +70,7 @@ class NatsSink(NatsProbe, Sink):
                           hint="tokens separated by '.', no spaces or wildcards")
         if options.get("jetstream") and not options.get("stream"):
             yield Problem("stream", "jetstream = true needs the stream name")
+        yield from check_partitions(options, stream_subject(subject))
 
     # -- runtime ------------------------------------------------------------------------------
     #
@@ -112,11 +113,11 @@ class NatsSink(NatsProbe, Sink):
             await self._ensure_stream()
 
     async def _ensure_stream(self) -> None:
-        from ..proto.nats import ensure_stream
+        from ..proto.nats import ensure_stream, worker_token
 
         c = self.config
-        subject = c["subject"].replace("{worker_id}", "*").replace("{dp_rank}", "*")
-        if await ensure_stream(self.js, c, subject):
+        subject = stream_subject(c["subject"])
+        if await ensure_stream(self.js, c, subject, self.log, worker_token(c["subject"])):
             self.log.info("created JetStream stream %s for %s", c["stream"], subject)
 
     async def adopt(self, old: "NatsSink") -> None:

@@ -7,15 +7,17 @@ message is acknowledged only after every sink downstream confirmed it.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from collections import OrderedDict, deque
 from typing import Any, Iterable, Mapping
 
 from ..event import Event, Rejected
 from ..node import (CheckContext, Source, Problem, integer, number, string, worker_id)
 from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check_connection
-from ..proto.nats import NATS_METRICS
-from ..node import counter
+from ..proto.nats import NATS_METRICS, check_partitions
+from ..node import counter, gauge
 from ..registry import register
 from ..codecs.messages import FORMATS
 
@@ -29,7 +31,12 @@ class NatsSource(NatsProbe, Source):
                "acked": counter("JetStream messages acknowledged after delivery."),
                "redelivery_requests": counter("JetStream messages handed back for redelivery."),
                "redeliveries_held": counter("Redelivered messages held back until their first "
-                                            "copy was settled.")}
+                                            "copy was settled."),
+               "partitions_owned": gauge("Partitions of the group's stream this node reads."),
+               "partitions_taken": counter("Partitions this node took (at start, or from a "
+                                           "member that died or left)."),
+               "partitions_lost": counter("Partitions whose lease this node lost (it stalled "
+                                          "past lease_s): another member took them.")}
     summary = "Subscribe to a NATS subject (core or JetStream) and decode events."
     options = {
         **CONNECTION_OPTIONS,
@@ -49,6 +56,15 @@ class NatsSource(NatsProbe, Source):
         "max_buffered": integer("Messages buffered between the NATS client and the graph; "
                                 "past it messages are dropped and counted (core NATS only; "
                                 "JetStream redelivers).", 100_000, minimum=1),
+        "group": string("Consumer group of a partitioned stream (`partitions`): the nodes "
+                        "with this group share its partitions, each partition read by one of "
+                        "them at a time, through a durable consumer GROUP-pP; when one dies, "
+                        "the others take its partitions within about lease_s. Leases live "
+                        "in the KV bucket `lease_bucket`."),
+        "lease_s": number("How long a partition stays with a member that stopped renewing it "
+                          "(it renews every third of it). Every member of a group must agree: "
+                          "the bucket is created with it.", 3.0, minimum=0.5),
+        "lease_bucket": string("The NATS KV bucket of the groups' leases.", "kvgraph-leases"),
     }
     required = ("subject",)
     example = 'url = "nats://127.0.0.1:4222"\nsubject = "kvgraph.events"\nformat = "jsonl"'
@@ -64,6 +80,16 @@ class NatsSource(NatsProbe, Source):
             yield Problem("stream", "jetstream = true needs the stream name")
         if "queue_group" in options and options.get("durable"):
             yield Problem("queue_group", "use durable (JetStream) or queue_group (core), not both")
+        yield from check_partitions(options, options["subject"])
+        if options["partitions"] and "group" not in options:
+            yield Problem("group", "a partitioned stream is read by a group: set group",
+                          hint='group = "indexers": every node of the group shares the '
+                               "partitions")
+        if "group" in options and not options["partitions"]:
+            yield Problem("group", "group needs partitions (the stream's partition count)")
+        if options["partitions"] and options.get("durable"):
+            yield Problem("durable", "a group's consumers are named GROUP-pP: durable is not "
+                          "used with partitions", severity="warning")
 
     # -- runtime ------------------------------------------------------------------------------
 
@@ -77,6 +103,9 @@ class NatsSource(NatsProbe, Source):
         self._buf: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self.nc = await connect_node(self)
+        if c["partitions"]:
+            await self._start_partitioned()
+            return
         if c["jetstream"]:
             await self._start_jetstream()
             return
@@ -106,12 +135,15 @@ class NatsSource(NatsProbe, Source):
 
         c = self.config
         self.js = self.nc.jetstream()
-        await ensure_stream(self.js, c, c["subject"])
+        await ensure_stream(self.js, c, c["subject"], self.log)
+        self._track_acks()
         config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=c["ack_wait_s"],
                                 max_ack_pending=c["max_ack_pending"],
                                 deliver_policy=DeliverPolicy(c["deliver_policy"]))
         self.psub = await self.js.pull_subscribe(c["subject"], durable=c.get("durable"),
                                                  stream=c["stream"], config=config)
+
+    def _track_acks(self) -> None:
         for name in ("acked", "redelivery_requests", "redeliveries_held"):
             self.metrics.extra.setdefault(name, 0)
         # Stream sequences of the messages in the graph (emitted, not yet acked or nak'ed). A
@@ -121,14 +153,125 @@ class NatsSource(NatsProbe, Source):
         # ... and of those acked in the last 2 x ack_wait_s: a redelivery can cross our ack.
         self._acked_recently: OrderedDict[int, float] = OrderedDict()
 
+    async def _start_partitioned(self) -> None:
+        """A member of ``group``: partitions come and go with their leases (see
+        :mod:`kvgraph.proto.nats_leases`)."""
+        from ..proto.nats import ensure_stream
+        from ..proto.nats_leases import Leases, open_bucket
+
+        c = self.config
+        self.js = self.nc.jetstream()
+        await ensure_stream(self.js, c, c["subject"], self.log)
+        self._track_acks()
+        kv = await open_bucket(self.js, c["lease_bucket"], c["lease_s"], c["replicas"])
+        self.leases = Leases(kv, c["group"], c["partitions"], f"{self.id}-{_member_suffix()}")
+        self._reading: set[int] = set()                       # partitions being read
+        self._unsettled: dict[int, set[int]] = {}             # partition -> stream seqs
+        for name in ("partitions_owned", "partitions_taken", "partitions_lost"):
+            self.metrics.extra.setdefault(name, 0)
+
+    async def _run_partitioned(self) -> None:
+        import asyncio
+
+        c, leases, stopping = self.config, self.leases, self.ctx.stopping
+        readers: dict[int, asyncio.Task[None]] = {}
+        extra = self.metrics.extra
+        try:
+            while not stopping.is_set():
+                try:
+                    taken, lost, surplus = await leases.tick()
+                except Exception as exc:   # a reconnect in progress: renew at the next tick
+                    self.log.problem("lease", "cannot renew the partition leases: %s: %s",
+                                     type(exc).__name__, exc)
+                    taken, lost, surplus = [], [], []
+                for p in lost:
+                    self._reading.discard(p)
+                    extra["partitions_lost"] += 1
+                    self.log.warning("partition %d of %s was taken over (lease lost): "
+                                     "stopped reading it", p, c["stream"])
+                for p in surplus:
+                    if p in self._reading:
+                        self._reading.discard(p)
+                        self.ctx.spawn(self._give_back(p, readers.get(p)), f"release-p{p}")
+                for p in taken:
+                    self._reading.add(p)
+                    extra["partitions_taken"] += 1
+                    readers[p] = self.ctx.spawn(self._read_partition(p), f"p{p}")
+                extra["partitions_owned"] = len(leases.owned)
+                if taken:
+                    self.log.info("reading partition(s) %s of %s (group %s, %d member(s))",
+                                  ", ".join(map(str, taken)), c["stream"], c["group"],
+                                  leases.members)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), c["lease_s"] / 3)
+        finally:
+            self._reading.clear()
+            running = [t for t in readers.values() if not t.done()]
+            if running:
+                await asyncio.wait(running)
+
+    async def _give_back(self, p: int, reader: Any) -> None:
+        """Partition ``p`` is one too many (a member joined): once what was read from it is
+        settled, its lease goes back, and another member fences and reads it."""
+        import asyncio
+
+        if reader is not None and not reader.done():
+            await asyncio.wait({reader})
+        deadline = time.monotonic() + self.config["lease_s"]
+        while self._unsettled.get(p) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.leases.release(p)
+        self.metrics.extra["partitions_owned"] = len(self.leases.owned)
+        self.log.info("gave partition %d back to the group", p)
+
+    async def _read_partition(self, p: int) -> None:
+        psub = await self._fenced_consumer(p)
+        try:
+            await self._read(psub, lambda: p in self._reading, p)
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def _fenced_consumer(self, p: int) -> Any:
+        """The durable consumer of partition ``p``, started again just after what the group
+        acknowledged: what the previous reader received and did not settle is delivered again,
+        in stream order, before anything newer (a consumer's own redelivery would come after
+        newer messages). A reader still holding the old consumer finds it gone."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        from ..proto.nats import partition_subject
+
+        c = self.config
+        stream, durable = c["stream"], f"{c['group']}-p{p}"
+        start: int | None = None
+        try:
+            info = await self.js.consumer_info(stream, durable)
+            if info.delivered.stream_seq:
+                start = info.ack_floor.stream_seq + 1
+            await self.js.delete_consumer(stream, durable)
+        except NotFoundError:
+            pass
+        config = ConsumerConfig(
+            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=c["ack_wait_s"],
+            max_ack_pending=c["max_ack_pending"], filter_subject=partition_subject(stream, p),
+            deliver_policy=DeliverPolicy(c["deliver_policy"]) if start is None
+            else DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        await self.js.add_consumer(stream, config)
+        return await self.js.pull_subscribe_bind(durable, stream)
+
     async def _run_jetstream(self) -> None:
+        stopping = self.ctx.stopping
+        await self._read(self.psub, lambda: not stopping.is_set())
+
+    async def _read(self, psub: Any, going: Any, partition: int | None = None) -> None:
+        """Fetch, emit, and ack once every sink confirmed, while ``going()``."""
         import asyncio
         from ..acks import Ack
 
-        stopping = self.ctx.stopping
-        while not stopping.is_set():
+        while going() and not self.ctx.stopping.is_set():
             try:
-                msgs = await self.psub.fetch(256, timeout=0.25)
+                msgs = await psub.fetch(256, timeout=0.25)
             except asyncio.TimeoutError:
                 continue
             except Exception as exc:  # e.g. a reconnect in progress; nats-py retries
@@ -158,17 +301,24 @@ class NatsSource(NatsProbe, Source):
                 self._decoder.decode(msg.data, events, rejected, origin=seq)
             if not fresh:
                 continue
-            ack = Ack(lambda m=fresh: self._settle(m, True), lambda m=fresh: self._settle(m, False))
+            if partition is not None:
+                self._unsettled.setdefault(partition, set()).update(
+                    m.metadata.sequence.stream for m in fresh)
+            ack = Ack(lambda m=fresh: self._settle(m, True, partition),
+                      lambda m=fresh: self._settle(m, False, partition))
             self.metrics.events_in += len(events)
             await self.ctx.emit(events, acks=(ack,))
             await self.ctx.reject(rejected)  # malformed: reported, and acked (no retry helps)
             ack.release()
 
-    def _settle(self, msgs: list[Any], ok: bool) -> None:
+    def _settle(self, msgs: list[Any], ok: bool, partition: int | None = None) -> None:
         now = time.monotonic()
+        unsettled = self._unsettled.get(partition) if partition is not None else None
         for m in msgs:
             seq = m.metadata.sequence.stream
             self._inflight.discard(seq)
+            if unsettled is not None:
+                unsettled.discard(seq)
             if ok:
                 self._acked_recently[seq] = now
 
@@ -187,6 +337,9 @@ class NatsSource(NatsProbe, Source):
             self._wake.set()
 
     async def run(self) -> None:
+        if self.config["partitions"]:
+            await self._run_partitioned()
+            return
         if self.config["jetstream"]:
             await self._run_jetstream()
             return
@@ -216,7 +369,16 @@ class NatsSource(NatsProbe, Source):
         await self.ctx.reject(rejected)
 
     async def stop(self) -> None:
+        leases = getattr(self, "leases", None)
+        if leases is not None:   # the graph drained: what was read is settled; hand over now
+            with contextlib.suppress(Exception):
+                await leases.leave()
         nc = getattr(self, "nc", None)
         self._closing = True
         if nc is not None and not nc.is_closed:
             await nc.close()
+
+
+def _member_suffix() -> str:
+    """A member id unique across processes and restarts (a restarted member is a new one)."""
+    return uuid.uuid4().hex[:8]
