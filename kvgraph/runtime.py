@@ -107,6 +107,9 @@ class NodeContext:
         self.runtime_node: Any = None
         self.current_acks: tuple[Ack, ...] = ()   # of the batch a transform is processing
         self.held_acks: list[Ack] = []            # inputs a holding transform has not passed on
+        #: True once every source upstream has caught up with the history it replays (a
+        #: JetStream consumer that found its stream read and settled); set by the runtime.
+        self.caught_up: Any = lambda: True
         #: Set when this instance is being replaced by a reload: its loop ends at a batch
         #: boundary and its output edges stay open for the successor.
         self.detached = False
@@ -344,8 +347,24 @@ class Runtime:
             ctx.metrics = metrics
         nid = node.id
         ctx.tasks.on_error = lambda name, exc: self._helper_failed(nid, name, exc)
+        ctx.caught_up = lambda: self.upstream_caught_up(nid)
         inst = ctx.runtime_node = node.type(ctx)
         return inst
+
+    def upstream_caught_up(self, nid: str) -> bool:
+        """Has every source upstream of ``nid`` caught up with the history it replays? A
+        source that replays one says so with its ``caught_up`` metric (0, then 1 for good);
+        the others have nothing to catch up with once they run (sinks start before sources:
+        until then, nothing upstream has even begun)."""
+        seen, todo = {nid}, [nid]
+        while todo:
+            here = todo.pop()
+            for e in self.graph.edges:
+                if e.dst == here and e.src not in seen:
+                    seen.add(e.src)
+                    todo.append(e.src)
+        return all(n in self.tasks and self.contexts[n].metrics.extra.get("caught_up", 1)
+                   for n in seen if self.graph.nodes[n].kind is Kind.SOURCE)
 
     def start_order(self, graph: Graph, ids: Any) -> list[str]:
         """Sinks first, then transforms, then sources; downstream before upstream."""

@@ -481,3 +481,145 @@ class PacedEngine:
     def close(self) -> None:
         self.stop()
         self.sock.close(0)
+
+
+class Hosts:
+    """Several hosts on one machine, for tests of what crosses a network: one network
+    namespace per host (``ip netns``), each joined to a bridge by a veth pair, addresses
+    10.77.N.2, .3...; the test itself is on the bridge, 10.77.N.1. Where namespaces cannot be
+    made (not root, no iproute2), distinct loopback addresses instead (127.77.0.2, .3...): the
+    processes then share one network stack, and ports must differ less than addresses do.
+
+    ``run(i, argv)`` starts a process on host ``i``; ``ip(i)`` is its address. Close (or
+    ``with``) removes everything it made."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.tag = f"{os.getpid() % 10000:04d}"
+        self.namespaces: list[str] = []
+        self.bridge = f"kvgbr{self.tag}"
+        self.subnet = f"10.77.{os.getpid() % 250 + 1}"
+        self.isolated = self._make_namespaces()
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def _make_namespaces(self) -> bool:
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            return False
+        try:
+            self._ip("link", "add", self.bridge, "type", "bridge")
+            self._ip("link", "set", self.bridge, "up")
+            self._ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+            for i in range(self.count):
+                ns, veth = f"kvg{self.tag}h{i}", f"kvg{self.tag}v{i}"
+                self._ip("netns", "add", ns)
+                self.namespaces.append(ns)
+                self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                         "netns", ns)
+                self._ip("link", "set", veth, "master", self.bridge)
+                self._ip("link", "set", veth, "up")
+                self._ip("-n", ns, "addr", "add", f"{self.subnet}.{i + 2}/24", "dev", "eth0")
+                self._ip("-n", ns, "link", "set", "eth0", "up")
+                self._ip("-n", ns, "link", "set", "lo", "up")
+            return True
+        except (subprocess.CalledProcessError, OSError):
+            self.close()
+            return False
+
+    def ip(self, i: int) -> str:
+        return f"{self.subnet}.{i + 2}" if self.isolated else f"127.77.0.{i + 2}"
+
+    def argv(self, i: int, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespaces[i], *argv] if self.isolated else argv
+
+    def run(self, i: int, argv: list[str], **kwargs: Any) -> "subprocess.Popen[Any]":
+        return subprocess.Popen(self.argv(i, argv), **kwargs)
+
+    def close(self) -> None:
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces.clear()
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def __enter__(self) -> "Hosts":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class NatsCluster:
+    """A JetStream cluster of real nats-servers, one per host of ``hosts`` (the first
+    ``size``), client port 4222 and route port 6222 on each host's address. ``kill(i)``
+    SIGKILLs one; ``start(i)`` starts it again with its data."""
+
+    def __init__(self, hosts: Hosts, size: int = 3, first_host: int = 0):
+        self.hosts, self.size, self.first = hosts, size, first_host
+        self.dir = tempfile.TemporaryDirectory(prefix="kvgraph-cluster-")
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+        # without namespaces all servers share one stack: ports differ per server
+        self.client_ports = [4222 if hosts.isolated else free_port() for _ in range(size)]
+        self.route_ports = [6222 if hosts.isolated else free_port() for _ in range(size)]
+
+    def host(self, i: int) -> int:
+        return self.first + i
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"nats://{self.hosts.ip(self.host(i))}:{self.client_ports[i]}"
+                for i in range(self.size)]
+
+    def start(self, i: int | None = None, timeout: float = 20.0) -> "NatsCluster":
+        for k in range(self.size) if i is None else [i]:
+            ip = self.hosts.ip(self.host(k))
+            routes = ",".join(f"nats://{self.hosts.ip(self.host(j))}:{self.route_ports[j]}"
+                              for j in range(self.size) if j != k)
+            self.procs[k] = self.hosts.run(self.host(k), [
+                nats_server_binary(), "-a", ip, "-p", str(self.client_ports[k]), "-js",
+                "-sd", f"{self.dir.name}/n{k}", "--server_name", f"n{k}",
+                "--cluster_name", "kvgraph", "--cluster", f"nats://{ip}:{self.route_ports[k]}",
+                "--routes", routes], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        for k in range(self.size) if i is None else [i]:
+            ip, port = self.hosts.ip(self.host(k)), self.client_ports[k]
+            while True:
+                try:
+                    socket.create_connection((ip, port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"nats-server n{k} did not start on {ip}:{port}")
+                    time.sleep(0.05)
+        return self
+
+    async def wait_jetstream(self, ask: Any = None, timeout: float = 30.0) -> None:
+        """Until the cluster's JetStream answers ``ask(js)`` (by default: until it has a meta
+        leader, so that a stream can be created)."""
+        import nats
+
+        ask = ask or (lambda js: js.account_info())
+        deadline = time.monotonic() + timeout
+        nc = await nats.connect(self.urls)
+        try:
+            while True:
+                try:
+                    await ask(nc.jetstream())
+                    return
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            terminate(proc)
+        self.dir.cleanup()

@@ -212,6 +212,12 @@ class Stats:
         h[-1] += 1
 
 
+#: What an index answers only once it has caught up with its stream (``IndexSink.ready``):
+#: a replica that is still reading the history would answer with part of it.
+_WAIT_FOR_READY = frozenset({"/health", "/query", "/query_by_hash", "/dump", "/kvgraph/query",
+                             "/kvgraph/query_by_hash"})
+
+
 def build_app(node: "IndexSink", max_body_bytes: int) -> web.Application:
     reg = node.registry
     stats = node.http_stats
@@ -223,6 +229,11 @@ def build_app(node: "IndexSink", max_body_bytes: int) -> web.Application:
         t0 = time.perf_counter()
         status = 500
         try:
+            if request.path in _WAIT_FOR_READY and not node.ready():
+                status = 503
+                return _json({"status": "catching up",
+                              "error": "this index is still reading the history of its "
+                                       "stream; it answers once it has caught up"}, 503)
             resp = await handler(request)
             status = resp.status
             return resp

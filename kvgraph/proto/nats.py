@@ -298,7 +298,7 @@ async def ensure_stream(js: Any, config: Mapping[str, Any], subject: str,
 
     name, partitions = config["stream"], config["partitions"]
     try:
-        info = await js.stream_info(name)
+        info = await while_electing(lambda: js.stream_info(name), config, log)
     except NotFoundError:
         if not config.get("create_stream"):
             raise NodeFailure(f"JetStream stream {name!r} does not exist; create it "
@@ -314,13 +314,38 @@ async def ensure_stream(js: Any, config: Mapping[str, Any], subject: str,
         src, dest = partition_transform(subject, name, partitions, worker_token)
         sc.subject_transform = SubjectTransform(src=src, dest=dest)
     try:
-        await js.add_stream(sc)
+        await while_electing(lambda: js.add_stream(sc), config, log)
     except Exception as exc:
         if "already in use" not in str(exc):   # another node created it meanwhile: check it
             raise
         _check_stream((await js.stream_info(name)).config, config, subject, log)
         return False
     return True
+
+
+async def while_electing(call: Callable[[], Any], config: Mapping[str, Any], log: Any) -> Any:
+    """``call()``, tried again while JetStream cannot answer (a cluster electing a leader after
+    a server died answers nothing for a few seconds): up to ``connect_attempts`` times, the
+    wait doubling from ``reconnect_wait_s`` to 2 s. Answers (not found, already in use) are
+    not retried."""
+    import asyncio
+
+    from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+    from nats.js.errors import ServiceUnavailableError
+
+    wait = config["reconnect_wait_s"]
+    for attempt in range(config["connect_attempts"]):
+        try:
+            return await call()
+        except (NatsTimeout, NoRespondersError, ServiceUnavailableError,
+                asyncio.TimeoutError) as exc:
+            if attempt + 1 == config["connect_attempts"]:
+                raise
+            if log is not None:
+                log.problem("jetstream", "JetStream does not answer (%s); trying again",
+                            type(exc).__name__)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 2.0)
 
 
 def _check_stream(sc: Any, config: Mapping[str, Any], subject: str, log: Any) -> None:

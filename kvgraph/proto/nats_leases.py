@@ -27,23 +27,28 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 LEASE_PREFIX, MEMBER_PREFIX = "lease", "member"
 
 
-async def open_bucket(js: Any, bucket: str, lease_s: float, replicas: int) -> Any:
-    """The KV bucket of the leases; created with a ``ttl`` of ``lease_s`` when missing."""
+async def open_bucket(js: Any, config: Mapping[str, Any], log: Any = None) -> Any:
+    """The KV bucket of the leases (``lease_bucket``); created with a ``ttl`` of ``lease_s``
+    when missing. Tried again while JetStream does not answer (a cluster electing a leader)."""
     from nats.js.api import KeyValueConfig
     from nats.js.errors import BucketNotFoundError, NotFoundError
 
+    from .nats import while_electing
+
+    bucket = config["lease_bucket"]
     try:
-        return await js.key_value(bucket)
+        return await while_electing(lambda: js.key_value(bucket), config, log)
     except (BucketNotFoundError, NotFoundError):
         pass
+    kv_config = KeyValueConfig(bucket=bucket, ttl=config["lease_s"], history=1,
+                               replicas=config["replicas"])
     try:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=lease_s, history=1,
-                                                        replicas=replicas))
+        return await while_electing(lambda: js.create_key_value(kv_config), config, log)
     except Exception as exc:
         if "already in use" in str(exc):   # another member created it meanwhile
             return await js.key_value(bucket)

@@ -133,6 +133,7 @@ class IndexSink(Sink):
             self.registry.add_peer(peer)
         if c["peers"]:
             await self._recover(c["peers"])
+        self._ready = False   # see ready()
         self._server = await serve(build_app(self, c["max_body_bytes"]), c["host"], c["port"])
         self.port = self._server.port
         for w in c["workers"]:
@@ -248,6 +249,17 @@ class IndexSink(Sink):
     def index(self) -> Any:
         """The device tree of the node's own partition (``model_name``, ``routing_group``)."""
         return self.partition_for(None, None).device
+
+    def ready(self) -> bool:
+        """Answer queries? Not while a source upstream is still reading the history of its
+        stream (a new replica catching up): its answers would hold part of the state. Said
+        once in the log when it becomes ready."""
+        if self._ready:
+            return True
+        if self.ctx.caught_up():
+            self._ready = True
+            self.log.info("caught up with what feeds it: answering queries")
+        return self._ready
 
     def bounded(self, tokens: int) -> None:
         limit = self.config["max_query_tokens"]

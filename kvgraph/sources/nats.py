@@ -32,9 +32,14 @@ class NatsSource(NatsProbe, Source):
                "redelivery_requests": counter("JetStream messages handed back for redelivery."),
                "redeliveries_held": counter("Redelivered messages held back until their first "
                                             "copy was settled."),
+               "caught_up": gauge("JetStream: 1 once the node has read its stream to the end "
+                                  "and every sink confirmed it (a new index replica answers "
+                                  "from then on), 0 before."),
                "partitions_owned": gauge("Partitions of the group's stream this node reads."),
                "partitions_taken": counter("Partitions this node took (at start, or from a "
                                            "member that died or left)."),
+               "refences": counter("Partitions opened again after a failed fetch or a "
+                                   "reconnect (messages it may have lost come again, in order)."),
                "partitions_lost": counter("Partitions whose lease this node lost (it stalled "
                                           "past lease_s): another member took them.")}
     summary = "Subscribe to a NATS subject (core or JetStream) and decode events."
@@ -131,7 +136,7 @@ class NatsSource(NatsProbe, Source):
         its events (end-to-end), and nak'ed for redelivery when they were dropped."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-        from ..proto.nats import ensure_stream
+        from ..proto.nats import ensure_stream, while_electing
 
         c = self.config
         self.js = self.nc.jetstream()
@@ -140,18 +145,26 @@ class NatsSource(NatsProbe, Source):
         config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=c["ack_wait_s"],
                                 max_ack_pending=c["max_ack_pending"],
                                 deliver_policy=DeliverPolicy(c["deliver_policy"]))
-        self.psub = await self.js.pull_subscribe(c["subject"], durable=c.get("durable"),
-                                                 stream=c["stream"], config=config)
+        self.psub = await while_electing(
+            lambda: self.js.pull_subscribe(c["subject"], durable=c.get("durable"),
+                                           stream=c["stream"], config=config), c, self.log)
 
     def _track_acks(self) -> None:
         for name in ("acked", "redelivery_requests", "redeliveries_held"):
             self.metrics.extra.setdefault(name, 0)
+        self.metrics.extra["caught_up"] = 0
+        self._idle: set[int | None] = set()   # partitions (None: the one consumer) read to
+        #                                        the end with nothing unsettled, once
         # Stream sequences of the messages in the graph (emitted, not yet acked or nak'ed). A
         # message held downstream longer than ack_wait_s is delivered again by the server;
         # that copy is not emitted a second time, only marked in progress.
         self._inflight: set[int] = set()
-        # ... and of those acked in the last 2 x ack_wait_s: a redelivery can cross our ack.
+        # ... and of the latest acked: a redelivery can cross our ack, and a fence can go back
+        # (A count, not a time: a partition fenced again after trouble, or taken back after a
+        # lease was lost, is delivered again from the group's ack floor, which may be far
+        # behind what this node delivered and acked if acks were lost on the way.)
         self._acked_recently: OrderedDict[int, float] = OrderedDict()
+        self._acked_memory = max(4 * self.config["max_ack_pending"], 10_000)
 
     async def _start_partitioned(self) -> None:
         """A member of ``group``: partitions come and go with their leases (see
@@ -163,11 +176,13 @@ class NatsSource(NatsProbe, Source):
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, c, c["subject"], self.log)
         self._track_acks()
-        kv = await open_bucket(self.js, c["lease_bucket"], c["lease_s"], c["replicas"])
+        kv = await open_bucket(self.js, c, self.log)
         self.leases = Leases(kv, c["group"], c["partitions"], f"{self.id}-{_member_suffix()}")
-        self._reading: set[int] = set()                       # partitions being read
+        self._reading: dict[int, int] = {}   # partition -> the generation of its reader
         self._unsettled: dict[int, set[int]] = {}             # partition -> stream seqs
-        for name in ("partitions_owned", "partitions_taken", "partitions_lost"):
+        self._generation = 0
+        self._resume: dict[int, int] = {}   # partition -> where its last fence started
+        for name in ("partitions_owned", "partitions_taken", "partitions_lost", "refences"):
             self.metrics.extra.setdefault(name, 0)
 
     async def _run_partitioned(self) -> None:
@@ -185,18 +200,20 @@ class NatsSource(NatsProbe, Source):
                                      type(exc).__name__, exc)
                     taken, lost, surplus = [], [], []
                 for p in lost:
-                    self._reading.discard(p)
+                    self._reading.pop(p, None)
                     extra["partitions_lost"] += 1
                     self.log.warning("partition %d of %s was taken over (lease lost): "
                                      "stopped reading it", p, c["stream"])
                 for p in surplus:
                     if p in self._reading:
-                        self._reading.discard(p)
+                        del self._reading[p]
                         self.ctx.spawn(self._give_back(p, readers.get(p)), f"release-p{p}")
                 for p in taken:
-                    self._reading.add(p)
                     extra["partitions_taken"] += 1
-                    readers[p] = self.ctx.spawn(self._read_partition(p), f"p{p}")
+                    readers[p] = self._new_reader(p, readers.get(p))
+                for p in self._reading:   # a reader that ended by an error, its lease held
+                    if readers[p].done():
+                        readers[p] = self._new_reader(p, readers[p])
                 extra["partitions_owned"] = len(leases.owned)
                 if taken:
                     self.log.info("reading partition(s) %s of %s (group %s, %d member(s))",
@@ -210,27 +227,59 @@ class NatsSource(NatsProbe, Source):
             if running:
                 await asyncio.wait(running)
 
-    async def _give_back(self, p: int, reader: Any) -> None:
-        """Partition ``p`` is one too many (a member joined): once what was read from it is
-        settled, its lease goes back, and another member fences and reads it."""
+    def _new_reader(self, p: int, previous: Any) -> Any:
+        self._generation += 1
+        self._reading[p] = self._generation
+        return self.ctx.spawn(self._read_partition(p, self._generation, previous), f"p{p}")
+
+    async def _settled(self, p: int, reader: Any) -> None:
+        """Until partition ``p``'s reader ``reader`` ended and what it read is settled (the
+        sinks confirmed it, the acks went out), within ack_wait_s: then the group's ack floor
+        holds all of it, and a fence starts after it (no copy, no step back)."""
         import asyncio
 
         if reader is not None and not reader.done():
             await asyncio.wait({reader})
-        deadline = time.monotonic() + self.config["lease_s"]
+        deadline = time.monotonic() + self.config["ack_wait_s"]
         while self._unsettled.get(p) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+    async def _give_back(self, p: int, reader: Any) -> None:
+        """Partition ``p`` is one too many (a member joined): once what was read from it is
+        settled, its lease goes back, and another member fences and reads it."""
+        await self._settled(p, reader)
         await self.leases.release(p)
         self.metrics.extra["partitions_owned"] = len(self.leases.owned)
         self.log.info("gave partition %d back to the group", p)
 
-    async def _read_partition(self, p: int) -> None:
-        psub = await self._fenced_consumer(p)
-        try:
-            await self._read(psub, lambda: p in self._reading, p)
-        finally:
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+    async def _read_partition(self, p: int, generation: int, previous: Any) -> None:
+        """Read partition ``p`` for as long as this reader is its reader (``generation``).
+        A reader of it before this one (this node lost the lease and took it again) ends
+        first and what it read is settled. Opening the consumer can fail while the cluster
+        elects a leader (a server died): tried again, with backoff."""
+        import asyncio
+
+        await self._settled(p, previous)
+        wait = self.config["reconnect_wait_s"]
+        mine = lambda: self._reading.get(p) == generation   # noqa: E731
+        while mine() and not self.ctx.stopping.is_set():
+            try:
+                psub = await self._fenced_consumer(p)
+            except Exception as exc:
+                self.log.problem("fence", "cannot open the consumer of partition %d: %s: %s; "
+                                 "trying again", p, type(exc).__name__, exc)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, self.config["lease_s"])
+                continue
+            try:
+                troubled = await self._read(psub, mine, p)
+            finally:
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
+            if not troubled:
+                return
+            self.metrics.extra["refences"] += 1
+            await self._settled(p, None)   # then fenced again: after what was acknowledged
 
     async def _fenced_consumer(self, p: int) -> Any:
         """The durable consumer of partition ``p``, started again just after what the group
@@ -244,11 +293,12 @@ class NatsSource(NatsProbe, Source):
 
         c = self.config
         stream, durable = c["stream"], f"{c['group']}-p{p}"
-        start: int | None = None
+        start: int | None = self._resume.get(p)   # a fence that failed half-way left it
         try:
             info = await self.js.consumer_info(stream, durable)
             if info.delivered.stream_seq:
-                start = info.ack_floor.stream_seq + 1
+                start = max(start or 0, info.ack_floor.stream_seq + 1)
+                self._resume[p] = start   # kept before the consumer (and its floor) is gone
             await self.js.delete_consumer(stream, durable)
         except NotFoundError:
             pass
@@ -264,26 +314,37 @@ class NatsSource(NatsProbe, Source):
         stopping = self.ctx.stopping
         await self._read(self.psub, lambda: not stopping.is_set())
 
-    async def _read(self, psub: Any, going: Any, partition: int | None = None) -> None:
-        """Fetch, emit, and ack once every sink confirmed, while ``going()``."""
+    async def _read(self, psub: Any, going: Any, partition: int | None = None) -> bool:
+        """Fetch, emit, and ack once every sink confirmed, while ``going()``.
+
+        For a partition (whose order is promised), trouble ends the reading and returns True:
+        a fetch that failed, or a reconnect, may have lost messages the server counts as
+        delivered; it would deliver them again after ack_wait, behind newer ones. The caller
+        settles what is in flight and fences the partition again instead."""
         import asyncio
         from ..acks import Ack
 
+        reconnects = self.nc.stats.get("reconnects", 0)
         while going() and not self.ctx.stopping.is_set():
+            if partition is not None and self.nc.stats.get("reconnects", 0) != reconnects:
+                return True
             try:
                 msgs = await psub.fetch(256, timeout=0.25)
             except asyncio.TimeoutError:
+                if not self.metrics.extra["caught_up"]:
+                    await self._at_end(psub, partition)
                 continue
             except Exception as exc:  # e.g. a reconnect in progress; nats-py retries
                 self.log.problem("fetch", "JetStream fetch failed: %s", exc)
+                if partition is not None:
+                    return True
                 await asyncio.sleep(0.2)
                 continue
             events: list[Event] = []
             rejected: list[Rejected] = []
             inflight = self._inflight
             acked = self._acked_recently
-            horizon = time.monotonic() - 2 * self.config["ack_wait_s"]
-            while acked and next(iter(acked.values())) < horizon:
+            while len(acked) > self._acked_memory:
                 acked.popitem(last=False)
             fresh = []
             for msg in msgs:
@@ -310,6 +371,29 @@ class NatsSource(NatsProbe, Source):
             await self.ctx.emit(events, acks=(ack,))
             await self.ctx.reject(rejected)  # malformed: reported, and acked (no retry helps)
             ack.release()
+
+    async def _at_end(self, psub: Any, partition: int | None) -> None:
+        """A fetch found nothing: when the server says so too (nothing pending for the
+        consumer, nothing unacknowledged: the sinks confirmed all it delivered), that
+        partition (or the stream) is caught up; once all of this node's are, ``caught_up`` is
+        1 for good. (An empty fetch alone is no proof: a consumer whose cluster is electing a
+        leader delivers nothing for a while.)"""
+        extra = self.metrics.extra
+        unsettled = self._unsettled.get(partition) if partition is not None else self._inflight
+        if unsettled:
+            return
+        try:
+            info = await psub.consumer_info()
+        except Exception:
+            return   # asked again at the next empty fetch
+        if info.num_pending or info.num_ack_pending or extra["caught_up"]:
+            return
+        self._idle.add(partition)
+        owned = set(self.leases.owned) if partition is not None else {None}
+        if owned and owned <= self._idle:
+            extra["caught_up"] = 1
+            self.log.info("caught up with stream %s: %d event(s) read", self.config["stream"],
+                          self.metrics.events_in)
 
     def _settle(self, msgs: list[Any], ok: bool, partition: int | None = None) -> None:
         now = time.monotonic()
