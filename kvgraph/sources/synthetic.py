@@ -29,8 +29,12 @@ class SyntheticSource(Source):
     name = "synthetic"
     summary = "Load generator: simulated engines sharing prefixes, evicting and clearing."
     options = {
-        "workers": integer("Number of simulated engines (worker ids 0..workers-1).", 4,
-                           minimum=1, maximum=100_000),
+        "workers": integer("Number of simulated engines (worker ids first_worker_id and up).",
+                           4, minimum=1, maximum=100_000),
+        "first_worker_id": integer("Worker id of the first simulated engine; the others "
+                                   "follow. Several synthetic nodes (or processes) with "
+                                   "different ones simulate distinct engines.", 0, minimum=0,
+                                   maximum=2**62),
         "rate": number("Events per second over all engines; 0 is as fast as possible.", 1000,
                        minimum=0),
         "block_size": integer("Tokens per block.", 16, minimum=1),
@@ -119,6 +123,7 @@ class SyntheticSource(Source):
         produced = 0
         seqs = [0] * c["workers"]
         encoding = c["zmq_encoding"]
+        first = c["first_worker_id"]
         while not self.ctx.stopping.is_set():
             if max_events and produced >= max_events:
                 return
@@ -129,9 +134,11 @@ class SyntheticSource(Source):
             now = time.time()
             seq = seqs[worker]
             seqs[worker] += 1
-            events = [msgspec.structs.replace(e, seq=seq, ts=now) for e in events]
+            wid = worker + first
+            events = [msgspec.structs.replace(e, seq=seq, ts=now, worker_id=wid)
+                      for e in events]
             if self._sock is not None:
-                self._sock.send_multipart([f"kv@synthetic-{worker}@synthetic".encode(),
+                self._sock.send_multipart([f"kv@synthetic-{wid}@synthetic".encode(),
                                      seq.to_bytes(8, "big"),
                                      encode_payload(events, now, 0, encoding)])
             produced += len(events)
