@@ -458,3 +458,43 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not met within {timeout} s")
         time.sleep(0.05)
+
+
+async def stream_events(urls: list[str], stream: str, subjects: str = ">",
+                        timeout: float = 60.0) -> list[tuple[str, dict]]:
+    """Every jsonl event a JetStream stream holds, in stream order, with its message's subject.
+    Fetches are tried again until ``timeout``: right after a server of the cluster died, its
+    consumers may answer nothing for a few seconds."""
+    import asyncio
+    import json
+
+    import nats
+
+    nc = await nats.connect(urls)
+    deadline = time.monotonic() + timeout
+    try:
+        js = nc.jetstream()
+        while True:   # the JetStream API too may not answer for a while
+            try:
+                total = (await js.stream_info(stream)).state.messages
+                sub = await js.pull_subscribe(subjects, stream=stream)
+                break
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+        out: list[tuple[str, dict]] = []
+        seen = 0
+        while seen < total:
+            try:
+                msgs = await sub.fetch(1000, timeout=2)
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                continue
+            for msg in msgs:
+                seen += 1
+                out += [(msg.subject, json.loads(line)) for line in msg.data.splitlines()]
+                await msg.ack()
+        return out
+    finally:
+        await nc.close()

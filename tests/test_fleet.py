@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from kvgraph.testing import Hosts, NatsCluster, free_port
-from tests.helpers import ROOT, GraphFile, wait_until
+from tests.helpers import ROOT, GraphFile, stream_events, wait_until
 from tests.indexer_client import IndexerClient
 
 RELAYS, ENGINES_PER_RELAY, PARTITIONS = 4, 2, 4
@@ -115,25 +115,6 @@ class Fleet:
                 p.wait()
 
 
-async def read_stream(urls: list[str]) -> list[tuple[str, dict]]:
-    """Every message of the stream, in order: (subject, event) per event."""
-    import nats
-
-    nc = await nats.connect(urls)
-    js = nc.jetstream()
-    info = await js.stream_info(STREAM)
-    sub = await js.pull_subscribe(f"{STREAM}.part.>", stream=STREAM)
-    out: list[tuple[str, dict]] = []
-    seen = 0
-    while seen < info.state.messages:
-        for msg in await sub.fetch(1000, timeout=5):
-            seen += 1
-            out += [(msg.subject, json.loads(line)) for line in msg.data.splitlines()]
-            await msg.ack()
-    await nc.close()
-    return out
-
-
 def events_in(path: Path) -> list[dict]:
     out = []
     if path.exists():
@@ -182,7 +163,7 @@ def test_a_fleet_survives_a_dead_nats_server_relay_and_consumer(tmp_path: Path) 
         total = RELAYS * ENGINES_PER_RELAY * EVENTS
         wait_until(lambda: len({key(e) for e in events_in(outs[0]) + events_in(outs[1])})
                    >= total // PER_BATCH, 120, "every batch delivered")
-        stream = asyncio.run(read_stream(urls))
+        stream = asyncio.run(stream_events(urls, STREAM))
         fleet.run("index-c", INDEX_HOST + 2, index_graph(urls, "index-c",
                                                          hosts.ip(INDEX_HOST + 2), ports[2]))
         clients = [IndexerClient(f"http://{hosts.ip(INDEX_HOST + i)}:{ports[i]}")

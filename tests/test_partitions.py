@@ -8,12 +8,13 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from kvgraph.testing import NatsServer, free_port, run_text, wait_for
-from tests.helpers import ROOT, GraphFile, metric, metrics_page, wait_until
+from tests.helpers import ROOT, GraphFile, metric, metrics_page, stream_events, wait_until
 
 WORKERS, PARTITIONS = 8, 4
 
@@ -72,6 +73,7 @@ def test_a_group_shares_the_partitions_and_takes_over_a_dead_members(tmp_path, n
     outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     ports = [free_port(), free_port()]
     published = {w: 0 for w in range(WORKERS)}
+    takeover: list[float] = []
 
     async def publish(rt, n: int) -> None:
         for _ in range(n):
@@ -91,9 +93,11 @@ def test_a_group_shares_the_partitions_and_takes_over_a_dead_members(tmp_path, n
                 await publish(rt, 200)
                 procs[1].send_signal(signal.SIGKILL)   # dies holding two partitions
                 procs[1].wait()
+                killed = time.monotonic()
                 await publish(rt, 200)
                 await asyncio.to_thread(wait_until, lambda: owned(ports[0]) == 4, 30,
                                         "the survivor takes every partition")
+                takeover.append(time.monotonic() - killed)
                 await publish(rt, 50)
                 await wait_for(lambda: all(
                     (received(outs[0]).get(w) or [0])[-1] == w * 1_000_000 + published[w]
@@ -117,3 +121,43 @@ def test_a_group_shares_the_partitions_and_takes_over_a_dead_members(tmp_path, n
         assert sorted(set(got_a) | set(got_b)) == want, f"worker {w}"
         copies += len(set(got_a) & set(got_b))
     assert copies <= 2 * WORKERS * 256   # at most what was in flight: a fetch per partition
+    assert takeover[0] < 1.0 * 2 + 1   # lease_s = 1: expiry, then the next renewal (lease_s/3)
+    print(f"\npartitions: taken over {takeover[0]:.2f} s after the SIGKILL (lease_s 1.0); "
+          f"{copies} copies across members")
+
+
+def test_a_sink_given_one_server_finds_the_cluster_and_survives_that_servers_death(tmp_path):
+    """Only the first server's URL is configured: the client learns the others from the
+    cluster, reconnects to one of them when the first dies, and sends again what was not
+    confirmed; the stream (3 replicas) keeps every event once."""
+    from kvgraph.testing import Hosts, NatsCluster
+
+    with Hosts(3) as hosts:
+        cluster = NatsCluster(hosts).start()
+        try:
+            asyncio.run(cluster.wait_jetstream())
+            first = cluster.urls[0]
+            g = (GraphFile("one-url").node("engine", "api", worker_id=7)
+                 .node("bus", "nats", url=first, subject="kv.ev.{worker_id}", format="jsonl",
+                       jetstream=True, stream="KV", create_stream=True, replicas=3,
+                       dedup_window_s=60, reconnect_wait_s=0.1).edge("engine", "bus"))
+
+            async def go():
+                async with run_text(g.text()) as rt:
+                    pub, bus = rt.publisher("engine"), rt.contexts["bus"].metrics
+                    for h in range(1, 101):
+                        pub.publish_removed([h])
+                    await wait_for(lambda: bus.events_out == 100)
+                    cluster.kill(0)
+                    for h in range(101, 201):
+                        pub.publish_removed([h])
+                    await wait_for(lambda: bus.events_out == 200, timeout=30)
+                    return rt.nodes["bus"].nc.connected_url.geturl(), bus.extra["reconnects"]
+
+            connected, reconnects = asyncio.run(go())
+            stored = [h for _, e in asyncio.run(stream_events(cluster.urls[1:], "KV"))
+                      for h in e["block_hashes"]]
+        finally:
+            cluster.close()
+    assert connected != first and reconnects >= 1
+    assert stored == list(range(1, 201))
