@@ -18,7 +18,7 @@ _EXPORTS = {
     "Background": "embed", "open": "embed", "start": "embed",
     "ApiError": "errors", "ConfigError": "errors", "GraphError": "errors",
     "KvgraphError": "errors", "NodeFailure": "errors", "NodeTypeError": "errors",
-    "UsageError": "errors",
+    "UsageError": "errors", "ReloadError": "errors",
     "Event": "event", "Rejected": "event",
     "Kind": "node", "NodeType": "node", "Sink": "node", "Source": "node", "Transform": "node",
     "Problem": "node", "Bind": "node", "CheckContext": "node",
@@ -46,7 +46,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Background, open, start
     from .errors import (ApiError, ConfigError, GraphError, KvgraphError, NodeFailure,
-                         NodeTypeError, UsageError)
+                         NodeTypeError, ReloadError, UsageError)
     from .event import Event, Rejected
     from .node import (Bind, CheckContext, Kind, NodeType, Problem, Sink, Source, Transform,
                        array, boolean, integer, number, one_or_many, string, table, worker_id,

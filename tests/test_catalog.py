@@ -146,7 +146,9 @@ def test_public_api_is_pinned() -> None:
         # what a node type needs (issue 14): checks, option helpers, its context, timers
         "Bind", "CheckContext", "NodeContext", "Problem", "Timer", "array", "boolean",
         "integer", "number", "one_or_many", "run", "string", "table", "worker_id",
-        "worker_id_value"])
+        "worker_id_value",
+        # what a reload raises when nothing was applied (issue 16)
+        "ReloadError"])
     for name in kvgraph.__all__:
         assert getattr(kvgraph, name) is not None, name
 
