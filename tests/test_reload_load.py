@@ -76,7 +76,8 @@ def test_100_reloads_under_load_lose_copy_and_reorder_nothing(tmp_path: Path) ->
                 plans.append(outcome.plan)
                 if "bus" in outcome.plan.unchanged:   # never reconnected
                     assert rt.nodes["bus"] is bus and bus.nc is connection
-            last1, last2 = engine1.stop(), engine2.stop()
+            last1 = engine1.stop()
+            engine2.stop()
             await wait_for(lambda: last1 in by_worker(got, 1)[1], timeout=20)
             assert rt.nodes["e1"] is e1   # the engine's socket was never touched
             metrics = {nid: c.metrics.snapshot() for nid, c in rt.contexts.items()}

@@ -168,147 +168,18 @@ class NatsSource(NatsProbe, Source):
 
     async def _start_partitioned(self) -> None:
         """A member of ``group``: partitions come and go with their leases (see
-        :mod:`kvgraph.proto.nats_leases`)."""
+        :mod:`kvgraph.sources._nats_group`)."""
         from ..proto.nats import ensure_stream
         from ..proto.nats_leases import Leases, open_bucket
+        from ._nats_group import GroupReading
 
         c = self.config
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, c, c["subject"], self.log)
         self._track_acks()
         kv = await open_bucket(self.js, c, self.log)
-        self.leases = Leases(kv, c["group"], c["partitions"], f"{self.id}-{_member_suffix()}")
-        self._reading: dict[int, int] = {}   # partition -> the generation of its reader
-        self._unsettled: dict[int, set[int]] = {}             # partition -> stream seqs
-        self._generation = 0
-        self._resume: dict[int, int] = {}   # partition -> where its last fence started
-        for name in ("partitions_owned", "partitions_taken", "partitions_lost", "refences"):
-            self.metrics.extra.setdefault(name, 0)
-
-    async def _run_partitioned(self) -> None:
-        import asyncio
-
-        c, leases, stopping = self.config, self.leases, self.ctx.stopping
-        readers: dict[int, asyncio.Task[None]] = {}
-        extra = self.metrics.extra
-        try:
-            while not stopping.is_set():
-                try:
-                    taken, lost, surplus = await leases.tick()
-                except Exception as exc:   # a reconnect in progress: renew at the next tick
-                    self.log.problem("lease", "cannot renew the partition leases: %s: %s",
-                                     type(exc).__name__, exc)
-                    taken, lost, surplus = [], [], []
-                for p in lost:
-                    self._reading.pop(p, None)
-                    extra["partitions_lost"] += 1
-                    self.log.warning("partition %d of %s was taken over (lease lost): "
-                                     "stopped reading it", p, c["stream"])
-                for p in surplus:
-                    if p in self._reading:
-                        del self._reading[p]
-                        self.ctx.spawn(self._give_back(p, readers.get(p)), f"release-p{p}")
-                for p in taken:
-                    extra["partitions_taken"] += 1
-                    readers[p] = self._new_reader(p, readers.get(p))
-                for p in self._reading:   # a reader that ended by an error, its lease held
-                    if readers[p].done():
-                        readers[p] = self._new_reader(p, readers[p])
-                extra["partitions_owned"] = len(leases.owned)
-                if taken:
-                    self.log.info("reading partition(s) %s of %s (group %s, %d member(s))",
-                                  ", ".join(map(str, taken)), c["stream"], c["group"],
-                                  leases.members)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), c["lease_s"] / 3)
-        finally:
-            self._reading.clear()
-            running = [t for t in readers.values() if not t.done()]
-            if running:
-                await asyncio.wait(running)
-
-    def _new_reader(self, p: int, previous: Any) -> Any:
-        self._generation += 1
-        self._reading[p] = self._generation
-        return self.ctx.spawn(self._read_partition(p, self._generation, previous), f"p{p}")
-
-    async def _settled(self, p: int, reader: Any) -> None:
-        """Until partition ``p``'s reader ``reader`` ended and what it read is settled (the
-        sinks confirmed it, the acks went out), within ack_wait_s: then the group's ack floor
-        holds all of it, and a fence starts after it (no copy, no step back)."""
-        import asyncio
-
-        if reader is not None and not reader.done():
-            await asyncio.wait({reader})
-        deadline = time.monotonic() + self.config["ack_wait_s"]
-        while self._unsettled.get(p) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-
-    async def _give_back(self, p: int, reader: Any) -> None:
-        """Partition ``p`` is one too many (a member joined): once what was read from it is
-        settled, its lease goes back, and another member fences and reads it."""
-        await self._settled(p, reader)
-        await self.leases.release(p)
-        self.metrics.extra["partitions_owned"] = len(self.leases.owned)
-        self.log.info("gave partition %d back to the group", p)
-
-    async def _read_partition(self, p: int, generation: int, previous: Any) -> None:
-        """Read partition ``p`` for as long as this reader is its reader (``generation``).
-        A reader of it before this one (this node lost the lease and took it again) ends
-        first and what it read is settled. Opening the consumer can fail while the cluster
-        elects a leader (a server died): tried again, with backoff."""
-        import asyncio
-
-        await self._settled(p, previous)
-        wait = self.config["reconnect_wait_s"]
-        mine = lambda: self._reading.get(p) == generation   # noqa: E731
-        while mine() and not self.ctx.stopping.is_set():
-            try:
-                psub = await self._fenced_consumer(p)
-            except Exception as exc:
-                self.log.problem("fence", "cannot open the consumer of partition %d: %s: %s; "
-                                 "trying again", p, type(exc).__name__, exc)
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, self.config["lease_s"])
-                continue
-            try:
-                troubled = await self._read(psub, mine, p)
-            finally:
-                with contextlib.suppress(Exception):
-                    await psub.unsubscribe()
-            if not troubled:
-                return
-            self.metrics.extra["refences"] += 1
-            await self._settled(p, None)   # then fenced again: after what was acknowledged
-
-    async def _fenced_consumer(self, p: int) -> Any:
-        """The durable consumer of partition ``p``, started again just after what the group
-        acknowledged: what the previous reader received and did not settle is delivered again,
-        in stream order, before anything newer (a consumer's own redelivery would come after
-        newer messages). A reader still holding the old consumer finds it gone."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-        from nats.js.errors import NotFoundError
-
-        from ..proto.nats import partition_subject
-
-        c = self.config
-        stream, durable = c["stream"], f"{c['group']}-p{p}"
-        start: int | None = self._resume.get(p)   # a fence that failed half-way left it
-        try:
-            info = await self.js.consumer_info(stream, durable)
-            if info.delivered.stream_seq:
-                start = max(start or 0, info.ack_floor.stream_seq + 1)
-                self._resume[p] = start   # kept before the consumer (and its floor) is gone
-            await self.js.delete_consumer(stream, durable)
-        except NotFoundError:
-            pass
-        config = ConsumerConfig(
-            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=c["ack_wait_s"],
-            max_ack_pending=c["max_ack_pending"], filter_subject=partition_subject(stream, p),
-            deliver_policy=DeliverPolicy(c["deliver_policy"]) if start is None
-            else DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        await self.js.add_consumer(stream, config)
-        return await self.js.pull_subscribe_bind(durable, stream)
+        self.group = GroupReading(self, Leases(kv, c["group"], c["partitions"],
+                                               f"{self.id}-{_member_suffix()}"))
 
     async def _run_jetstream(self) -> None:
         stopping = self.ctx.stopping
@@ -363,7 +234,7 @@ class NatsSource(NatsProbe, Source):
             if not fresh:
                 continue
             if partition is not None:
-                self._unsettled.setdefault(partition, set()).update(
+                self.group.unsettled.setdefault(partition, set()).update(
                     m.metadata.sequence.stream for m in fresh)
             ack = Ack(lambda m=fresh: self._settle(m, True, partition),
                       lambda m=fresh: self._settle(m, False, partition))
@@ -379,7 +250,8 @@ class NatsSource(NatsProbe, Source):
         1 for good. (An empty fetch alone is no proof: a consumer whose cluster is electing a
         leader delivers nothing for a while.)"""
         extra = self.metrics.extra
-        unsettled = self._unsettled.get(partition) if partition is not None else self._inflight
+        unsettled = self.group.unsettled.get(partition) if partition is not None \
+            else self._inflight
         if unsettled:
             return
         try:
@@ -389,7 +261,7 @@ class NatsSource(NatsProbe, Source):
         if info.num_pending or info.num_ack_pending or extra["caught_up"]:
             return
         self._idle.add(partition)
-        owned = set(self.leases.owned) if partition is not None else {None}
+        owned = set(self.group.leases.owned) if partition is not None else {None}
         if owned and owned <= self._idle:
             extra["caught_up"] = 1
             self.log.info("caught up with stream %s: %d event(s) read", self.config["stream"],
@@ -397,7 +269,7 @@ class NatsSource(NatsProbe, Source):
 
     def _settle(self, msgs: list[Any], ok: bool, partition: int | None = None) -> None:
         now = time.monotonic()
-        unsettled = self._unsettled.get(partition) if partition is not None else None
+        unsettled = self.group.unsettled.get(partition) if partition is not None else None
         for m in msgs:
             seq = m.metadata.sequence.stream
             self._inflight.discard(seq)
@@ -422,7 +294,7 @@ class NatsSource(NatsProbe, Source):
 
     async def run(self) -> None:
         if self.config["partitions"]:
-            await self._run_partitioned()
+            await self.group.run()
             return
         if self.config["jetstream"]:
             await self._run_jetstream()
@@ -453,10 +325,10 @@ class NatsSource(NatsProbe, Source):
         await self.ctx.reject(rejected)
 
     async def stop(self) -> None:
-        leases = getattr(self, "leases", None)
-        if leases is not None:   # the graph drained: what was read is settled; hand over now
+        group = getattr(self, "group", None)
+        if group is not None:   # the graph drained: what was read is settled; hand over now
             with contextlib.suppress(Exception):
-                await leases.leave()
+                await group.leases.leave()
         nc = getattr(self, "nc", None)
         self._closing = True
         if nc is not None and not nc.is_closed:
