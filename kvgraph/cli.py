@@ -352,6 +352,9 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
     reloads = _Reloads(rt, graph.path or args.file, log)
     if not args.shard:   # a worker of --workers runs a share of the graph: not reloadable
         loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+            "SIGHUP: a worker of --workers cannot be reloaded; it runs on as it was"))
     for sig in early.take() if early else ():
         on_signal(sig)
     status = Status(rt, status_mode, args.status_interval, warnings=warnings)

@@ -93,6 +93,12 @@ def supervise(args: argparse.Namespace, plan: list[list[str]],
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
+
+    def no_reload(_signum: int, _frame: object) -> None:
+        print("kvgraph run: SIGHUP: a graph run with --workers cannot be reloaded; it runs on "
+              "as it was (restart it to apply a changed file)", file=sys.stderr)
+
+    signal.signal(signal.SIGHUP, no_reload)   # its default action would end the supervisor
     for sig in early.take() if early is not None else ():  # arrived while validating
         forward(sig, None)
     code = 0

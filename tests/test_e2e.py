@@ -981,14 +981,18 @@ def _two_source_graph(tmp_path: Path) -> Path:
     return graph
 
 
-def _wait_for_status(proc: subprocess.Popen[str], workers: int) -> None:
-    """Until every worker logged a status line (they run, with their sources started)."""
+def _wait_for_status(proc: subprocess.Popen[str], workers: int) -> str:
+    """Until every worker logged a status line (they run, with their sources started);
+    returns what was read meanwhile."""
     seen: set[str] = set()
+    read = []
     while len(seen) < workers:
         line = proc.stderr.readline()
         assert line, "kvgraph exited early"
+        read.append(line)
         if "status:" in line and "[worker " in line:
             seen.add(line.split("[worker ", 1)[1].split("]")[0])
+    return "".join(read)
 
 
 def test_ctrl_c_on_the_terminal_drains_the_workers_once(tmp_path: Path) -> None:
@@ -1007,6 +1011,24 @@ def test_ctrl_c_on_the_terminal_drains_the_workers_once(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert "ABORTED" not in err and err.count("done after") == 2
+
+
+def test_sighup_to_a_run_with_workers_says_it_cannot_reload_and_runs_on(tmp_path: Path
+                                                                       ) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "kvgraph", "run",
+                             str(_two_source_graph(tmp_path)), "--workers", "2", "--status",
+                             "log", "--status-interval", "0.1"], cwd=ROOT, text=True,
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_for_status(proc, 2)
+        proc.send_signal(signal.SIGHUP)
+        said = _wait_for_status(proc, 2)   # the workers still report
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "SIGHUP: a graph run with --workers cannot be reloaded" in said + err
 
 
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path) -> None:
