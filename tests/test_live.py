@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from kvgraph.testing import NatsServer, free_port, terminate
+from kvgraph.testing import NatsServer, free_port, free_ports, terminate
 
 from .helpers import ROOT, GraphFile
 
@@ -85,7 +85,7 @@ def test_top_combines_the_workers_of_a_graph(tmp_path) -> None:
     graph = (GraphFile("pair").node("a", "synthetic", rate=400, workers=1)
              .node("b", "synthetic", rate=400, workers=1, seed=2)
              .node("out", "null").edge("a", "out").edge("b", "out").write(tmp_path))
-    port = free_port()
+    port = free_ports(2)   # worker I serves on port + I: both must be free
     proc = subprocess.Popen([sys.executable, "-m", "kvgraph", "run", str(graph), "--workers",
                              "2", "--metrics-port", str(port), "--status", "off"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
