@@ -350,7 +350,12 @@ async def _run(graph: "Graph", args: argparse.Namespace, status_mode: str,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     reloads = _Reloads(rt, graph.path or args.file, log)
-    if not args.shard:   # a worker of --workers runs a share of the graph: not reloadable
+    if status_mode == "tty":
+        # The live view is drawn on a terminal: a SIGHUP there is the terminal hanging up
+        # (closed, ssh gone), so the graph stops and drains as on SIGTERM; reload with
+        # --watch or POST /graph instead.
+        loop.add_signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
+    elif not args.shard:   # a worker of --workers runs a share of the graph: not reloadable
         loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
     else:
         loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
@@ -539,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--watch", action="store_true",
                    help="apply FILE again whenever it changes (also when it is replaced "
                         "through a symlink swap); SIGHUP applies it at once, with or without "
-                        "--watch")
+                        "--watch (except under the live view, where a SIGHUP is the terminal "
+                        "hanging up: the graph stops)")
     r.add_argument("--reload-timeout", type=float, default=10.0, metavar="S",
                    help="in a reload, how long a replaced or removed node may take to finish "
                         "its batch and confirm what it wrote before it is cancelled (default 10)")

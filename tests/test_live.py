@@ -112,3 +112,27 @@ def test_top_combines_the_workers_of_a_graph(tmp_path) -> None:
     gone = subprocess.run([sys.executable, "-m", "kvgraph", "top", "--once", urls[0]],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert gone.returncode == 1 and "no answer" in gone.stdout
+
+
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed (Debian: apt-get install tmux)")
+def test_a_terminal_that_hangs_up_stops_the_live_view_run(tmp_path) -> None:
+    """Under the live view a SIGHUP is the terminal going away (here: tmux killed), not a
+    request to reload: the run stops and drains, as on SIGTERM, and leaves no process."""
+    graph = (GraphFile("hangup").node("engines", "synthetic", rate=200)
+             .node("out", "null").edge("engines", "out").write(tmp_path))
+    term = Terminal(shlex.join([sys.executable, "-m", "kvgraph", "run", str(graph),
+                                "--status", "tty"]))
+
+    def running() -> bool:
+        found = subprocess.run(["pgrep", "-f", f"kvgraph run {graph}"], capture_output=True)
+        return found.returncode == 0
+
+    try:
+        term.wait(lambda s: "engines" in s and "up" in s)
+        assert running()
+    finally:
+        term.close()
+    deadline = time.monotonic() + 30
+    while running():
+        assert time.monotonic() < deadline, "kvgraph run outlived its terminal"
+        time.sleep(0.1)
