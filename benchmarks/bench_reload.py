@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -88,7 +87,7 @@ async def measure(args: argparse.Namespace) -> dict:
     await nc.subscribe(SUBJECT, cb=on_message)
     await nc.flush()
     try:
-        await asyncio.to_thread(engine.wait_subscribed, 30)
+        await asyncio.to_thread(engine.wait_subscribed, 30_000)
         engine.start()
         phases: dict[str, tuple[float, float]] = {}
         reloads: list[float] = []

@@ -207,13 +207,8 @@ MAX_RELOAD_LINES = 8
 
 
 def reload_lines(outcome: Any) -> list[str]:
-    """The last reload as the live view shows it: its headline, then its plan."""
-    if outcome is None:
-        return []
-    lines = [outcome.headline() + (f": {outcome.error}" if outcome.error else "")]
-    if outcome.plan is not None and outcome.result != "unchanged":
-        lines += outcome.plan.lines()
-    return lines
+    """The last reload as the live view shows it (:meth:`kvgraph.reload.Outcome.lines`)."""
+    return [] if outcome is None else outcome.lines()
 
 
 class WarningBuffer(logging.Handler):

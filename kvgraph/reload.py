@@ -102,6 +102,14 @@ class Outcome:
                 "failed": "failed, the running graph is unchanged"}[self.result]
         return f"reload from {self.source}: {what} ({self.duration_s * 1000:.0f} ms)"
 
+    def lines(self) -> list[str]:
+        """The outcome as the log and the live view say it: the headline (and the error),
+        then the plan, unless nothing changed."""
+        out = [self.headline() + (f": {self.error}" if self.error else "")]
+        if self.plan is not None and self.result != "unchanged":
+            out += self.plan.lines()
+        return out
+
 
 async def reconfigure(rt: "Runtime", text: str, source: str = "reconfigure()") -> Outcome:
     """Apply graph ``text`` to the running ``rt``; raises :class:`ReloadError` (with the
@@ -128,10 +136,10 @@ def _record(rt: "Runtime", outcome: Outcome, began: float) -> None:
     rt.reloads[outcome.result] = rt.reloads.get(outcome.result, 0) + 1
     rt.last_reload = outcome
     level = logging.INFO if outcome.result in ("applied", "unchanged") else logging.ERROR
-    log.log(level, "%s%s", outcome.headline(), f": {outcome.error}" if outcome.error else "")
-    if outcome.plan is not None and outcome.result != "unchanged":
-        for line in outcome.plan.lines():
-            log.log(level, "  %s", line)
+    headline, *plan_lines = outcome.lines()
+    log.log(level, "%s", headline)
+    for line in plan_lines:
+        log.log(level, "  %s", line)
     if outcome.diagnostics:
         for d in outcome.diagnostics:
             log.log(level, "  %s", d.format())
@@ -356,14 +364,12 @@ class _Switch:
     async def _detach(self, nid: str) -> None:
         """End the running instance's task at a batch boundary, its output edges open."""
         rt = self.rt
-        ctx, inst, task = rt.contexts[nid], rt.nodes[nid], rt.tasks.get(nid)
+        ctx = rt.contexts[nid]
         ctx.detached = True
-        ctx.stopping.set()
-        if isinstance(inst, Source):
-            inst.on_stop()
-        elif ctx.inbox is not None:
-            ctx.inbox.detach()
-        await self._wait_task(nid, task)
+        if ctx.inbox is not None:
+            ctx.inbox.detach()   # it reads no further batch, and leaves the rest queued
+        rt.stop_node(nid)
+        await self._wait_task(nid, rt.tasks.get(nid))
 
     async def _wait_task(self, nid: str, task: "asyncio.Task[None] | None") -> None:
         if task is None or task.done():
@@ -400,12 +406,7 @@ class _Switch:
     async def _remove_nodes(self) -> None:
         rt = self.rt
         for nid in self.removed:
-            inst, ctx = rt.nodes[nid], rt.contexts[nid]
-            ctx.stopping.set()   # a source stops; a server with no input (index) ends
-            if isinstance(inst, Source):
-                inst.on_stop()
-            elif ctx.inbox is not None:
-                ctx.inbox.wake()
+            rt.stop_node(nid)
         for nid in self.removed:   # each ends once its inputs are closed and drained
             await self._wait_task(nid, rt.tasks.get(nid))
         for nid in self.removed:

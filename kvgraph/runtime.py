@@ -411,13 +411,19 @@ class Runtime:
         if self._stopping is None or self._stopping.is_set():
             return
         self._stopping.set()
-        for nid, node in self.nodes.items():
-            ctx = self.contexts[nid]
-            ctx.stopping.set()
-            if isinstance(node, Source):
-                node.on_stop()
-            elif ctx.inbox is not None:   # a serving sink waiting for its first input edge
-                ctx.inbox.wake()
+        for nid in self.nodes:
+            self.stop_node(nid)
+
+    def stop_node(self, nid: str) -> None:
+        """Ask one node to end: a source stops reading; a transform or sink ends once its
+        inputs are closed and drained (a serving sink waiting for its first input edge, at
+        once)."""
+        node, ctx = self.nodes[nid], self.contexts[nid]
+        ctx.stopping.set()
+        if isinstance(node, Source):
+            node.on_stop()
+        elif ctx.inbox is not None:
+            ctx.inbox.wake()
 
     @property
     def stopping(self) -> bool:

@@ -407,42 +407,62 @@ class KafkaBroker(ServerProcess):
             pool.submit(asyncio.run, create()).result()
 
 
-class PacedEngine:
+class ZmqPublisher:
+    """A test engine: an XPUB socket that binds, so that it can wait until a subscriber is
+    really subscribed (ZMQ's slow-joiner problem) instead of sleeping."""
+
+    def __init__(self, endpoint: str, linger_ms: int = 2000):
+        import zmq
+
+        self.zmq = zmq
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        # Every subscription, also one for a topic already subscribed: a subscriber that
+        # reconnects before ZMQ has dropped its old connection subscribes "again".
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.sock.setsockopt(zmq.LINGER, linger_ms)
+        self.sock.bind(endpoint)
+        self.endpoint = endpoint
+
+    def wait_subscribed(self, timeout_ms: int = 10_000) -> None:
+        """Until a subscription arrives (an unsubscription, from a subscriber that went away,
+        is skipped)."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0 or not self.sock.poll(left, self.zmq.POLLIN):
+                raise AssertionError(f"no subscriber on {self.endpoint} within "
+                                     f"{timeout_ms} ms")
+            if self.sock.recv()[:1] == b"\x01":
+                return
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class PacedEngine(ZmqPublisher):
     """A test engine publishing on a real ZMQ socket at a steady pace, from a thread: batches
     of ``per_batch`` removed events whose hashes count 1, 2, 3... (so that a subscriber can
     check every one arrived, once, in order), with vLLM's frames and seq numbers.
 
-    The socket is an XPUB that binds (a PUB that connects may lose everything), so
-    :meth:`wait_subscribed` can wait for a subscriber instead of sleeping. ``sent_at[h]`` is
-    when hash ``h`` was sent (``time.monotonic``), for latency measurements."""
+    ``sent_at[h]`` is when hash ``h`` was sent (``time.monotonic``), for latency
+    measurements."""
 
     def __init__(self, endpoint: str, rate: float = 2000.0, per_batch: int = 4,
                  topic: bytes = b"kv"):
         import threading
 
-        import zmq
-
-        self.zmq, self.endpoint, self.topic = zmq, endpoint, topic
-        self.rate, self.per_batch = rate, per_batch
-        self.sock = zmq.Context.instance().socket(zmq.XPUB)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
+        super().__init__(endpoint, linger_ms=0)
+        self.topic, self.rate, self.per_batch = topic, rate, per_batch
         self.seq = 0
         self.last_hash = 0
         self.sent_at: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="paced-engine", daemon=True)
-
-    def wait_subscribed(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000), self.zmq.POLLIN):
-                raise AssertionError(f"no subscriber on {self.endpoint} within {timeout} s")
-            if self.sock.recv()[:1] == b"\x01":
-                return
 
     def start(self) -> "PacedEngine":
         self._thread.start()
@@ -466,7 +486,7 @@ class PacedEngine:
             sent = time.monotonic()
             for h in hashes:
                 self.sent_at[h] = sent
-            self.sock.send_multipart([self.topic, self.seq.to_bytes(8, "big"), payload])
+            self.send([self.topic, self.seq.to_bytes(8, "big"), payload])
             self.seq += 1
             self.last_hash = hashes[-1]
             next_at += period
@@ -480,7 +500,7 @@ class PacedEngine:
 
     def close(self) -> None:
         self.stop()
-        self.sock.close(0)
+        super().close()
 
 
 class Hosts:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from kvgraph.testing import ZmqPublisher  # noqa: F401 (tests import it from here too)
+
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "graphs"
 TEST_GRAPHS = Path(__file__).resolve().parent / "graphs"
@@ -85,44 +87,6 @@ def assert_event_matches(got: dict, want: dict, where: str = "") -> None:
             value = normalize_hash(value)
         default = [] if name in ("block_hashes", "token_ids") else None
         assert got.get(name, default) == value, f"{where}: {name}: {got.get(name)!r} != {value!r}"
-
-
-class ZmqPublisher:
-    """A test engine: an XPUB socket that binds, so that it can wait until a subscriber is
-    really subscribed (ZMQ's slow-joiner problem) instead of sleeping."""
-
-    def __init__(self, endpoint: str):
-        import zmq
-
-        self.zmq = zmq
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.XPUB)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        # Every subscription, also one for a topic already subscribed: a subscriber that
-        # reconnects before ZMQ has dropped its old connection subscribes "again".
-        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.bind(endpoint)
-        self.endpoint = endpoint
-
-    def wait_subscribed(self, timeout_ms: int = 10_000) -> None:
-        """Until a subscription arrives (an unsubscription, from a subscriber that went away,
-        is skipped)."""
-        import time
-
-        deadline = time.monotonic() + timeout_ms / 1000
-        while True:
-            left = int((deadline - time.monotonic()) * 1000)
-            if left <= 0 or not self.sock.poll(left, self.zmq.POLLIN):
-                raise AssertionError("no subscriber connected")
-            if self.sock.recv()[:1] == b"\x01":
-                return
-
-    def send(self, frames: list[bytes]) -> None:
-        self.sock.send_multipart(frames)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class TestEngine(ZmqPublisher):

@@ -322,7 +322,8 @@ class MessageDecoder:
 
 class RecentIds:
     """The ids of the last ``size`` messages delivered, to tell a copy (a sink's resend, a
-    redelivery) from a new message. ``size`` 0 remembers nothing."""
+    redelivery) from a new message. ``size`` 0 remembers nothing. Any hashable id: message
+    ids (bytes), or JetStream stream sequences."""
 
     def __init__(self, size: int):
         from collections import OrderedDict

@@ -9,9 +9,11 @@ Prometheus read every bus the same way, and into one warning per outage, not one
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ..node import counter, gauge
+
+T = TypeVar("T")
 
 LINK_METRICS = {
     "disconnects": counter("Times the connection to the broker was found broken."),
@@ -64,26 +66,38 @@ class Link:
         return self.wait_s
 
 
-async def first_contact(node: Any, attempt: Callable[[], Awaitable[None]], what: str,
-                        retry: Callable[[BaseException], bool] = lambda exc: True) -> None:
-    """``await attempt()`` until it succeeds, at most ``connect_attempts`` times, waiting
-    ``reconnect_wait_s`` and then twice as long each time (up to 5 s); past them, or on an
-    error ``retry`` refuses, a NodeFailure naming ``what``. How a ``redis`` or ``kafka`` node
-    reaches its broker at start."""
+async def with_backoff(config: Any, call: Callable[[], Awaitable[T]],
+                       retry: Callable[[BaseException], bool] = lambda exc: True,
+                       most: float = 5.0,
+                       on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """``await call()`` until it succeeds, at most the node's ``connect_attempts`` times,
+    waiting ``reconnect_wait_s`` and then twice as long each time (up to ``most`` s). An error
+    ``retry`` refuses, or the last one, is raised as it is; ``on_retry`` hears the others."""
     import asyncio
 
+    wait = config["reconnect_wait_s"]
+    attempts = config["connect_attempts"]
+    for n in range(1, attempts + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            if not retry(exc) or n == attempts:
+                raise
+            if on_retry is not None:
+                on_retry(exc)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, most)
+    raise AssertionError("unreachable: connect_attempts is at least 1")
+
+
+async def first_contact(node: Any, attempt: Callable[[], Awaitable[None]], what: str,
+                        retry: Callable[[BaseException], bool] = lambda exc: True) -> None:
+    """:func:`with_backoff` of ``attempt``; what it cannot do is a NodeFailure naming
+    ``what``. How a ``redis`` or ``kafka`` node reaches its broker at start."""
     from ..errors import NodeFailure
 
-    c = node.config
-    wait = c["reconnect_wait_s"]
-    for n in range(1, c["connect_attempts"] + 1):
-        try:
-            await attempt()
-        except Exception as exc:
-            if not retry(exc) or n == c["connect_attempts"]:
-                raise NodeFailure(f"cannot reach {what}: {type(exc).__name__}: {exc}") from exc
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 5.0)
-        else:
-            node.log.info("connected to %s", what)
-            return
+    try:
+        await with_backoff(node.config, attempt, retry)
+    except Exception as exc:
+        raise NodeFailure(f"cannot reach {what}: {type(exc).__name__}: {exc}") from exc
+    node.log.info("connected to %s", what)

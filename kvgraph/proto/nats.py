@@ -325,27 +325,23 @@ async def ensure_stream(js: Any, config: Mapping[str, Any], subject: str,
 
 async def while_electing(call: Callable[[], Any], config: Mapping[str, Any], log: Any) -> Any:
     """``call()``, tried again while JetStream cannot answer (a cluster electing a leader after
-    a server died answers nothing for a few seconds): up to ``connect_attempts`` times, the
-    wait doubling from ``reconnect_wait_s`` to 2 s. Answers (not found, already in use) are
-    not retried."""
+    a server died answers nothing for a few seconds), as :func:`~kvgraph.proto.link.with_backoff`
+    tries (the wait up to 2 s). Answers (not found, already in use) are not retried."""
     import asyncio
 
     from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
     from nats.js.errors import ServiceUnavailableError
 
-    wait = config["reconnect_wait_s"]
-    for attempt in range(config["connect_attempts"]):
-        try:
-            return await call()
-        except (NatsTimeout, NoRespondersError, ServiceUnavailableError,
-                asyncio.TimeoutError) as exc:
-            if attempt + 1 == config["connect_attempts"]:
-                raise
-            if log is not None:
-                log.problem("jetstream", "JetStream does not answer (%s); trying again",
-                            type(exc).__name__)
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 2.0)
+    from .link import with_backoff
+
+    electing = (NatsTimeout, NoRespondersError, ServiceUnavailableError, asyncio.TimeoutError)
+
+    def said(exc: BaseException) -> None:
+        if log is not None:
+            log.problem("jetstream", "JetStream does not answer (%s); trying again",
+                        type(exc).__name__)
+
+    return await with_backoff(config, call, lambda exc: isinstance(exc, electing), 2.0, said)
 
 
 def _check_stream(sc: Any, config: Mapping[str, Any], subject: str, log: Any) -> None:

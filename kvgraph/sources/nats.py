@@ -8,9 +8,8 @@ message is acknowledged only after every sink downstream confirmed it.
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Iterable, Mapping
 
 from ..event import Event, Rejected
@@ -19,7 +18,7 @@ from ..proto.nats import CONNECTION_OPTIONS, JETSTREAM_OPTIONS, NatsProbe, check
 from ..proto.nats import NATS_METRICS, check_partitions
 from ..node import counter, gauge
 from ..registry import register
-from ..codecs.messages import FORMATS
+from ..codecs.messages import FORMATS, RecentIds
 
 
 
@@ -163,8 +162,7 @@ class NatsSource(NatsProbe, Source):
         # (A count, not a time: a partition fenced again after trouble, or taken back after a
         # lease was lost, is delivered again from the group's ack floor, which may be far
         # behind what this node delivered and acked if acks were lost on the way.)
-        self._acked_recently: OrderedDict[int, float] = OrderedDict()
-        self._acked_memory = max(4 * self.config["max_ack_pending"], 10_000)
+        self._acked_recently = RecentIds(max(4 * self.config["max_ack_pending"], 10_000))
 
     async def _start_partitioned(self) -> None:
         """A member of ``group``: partitions come and go with their leases (see
@@ -215,8 +213,6 @@ class NatsSource(NatsProbe, Source):
             rejected: list[Rejected] = []
             inflight = self._inflight
             acked = self._acked_recently
-            while len(acked) > self._acked_memory:
-                acked.popitem(last=False)
             fresh = []
             for msg in msgs:
                 seq = msg.metadata.sequence.stream
@@ -268,15 +264,12 @@ class NatsSource(NatsProbe, Source):
                           self.metrics.events_in)
 
     def _settle(self, msgs: list[Any], ok: bool, partition: int | None = None) -> None:
-        now = time.monotonic()
-        unsettled = self.group.unsettled.get(partition) if partition is not None else None
-        for m in msgs:
-            seq = m.metadata.sequence.stream
-            self._inflight.discard(seq)
-            if unsettled is not None:
-                unsettled.discard(seq)
-            if ok:
-                self._acked_recently[seq] = now
+        seqs = [m.metadata.sequence.stream for m in msgs]
+        self._inflight.difference_update(seqs)
+        if partition is not None:
+            self.group.unsettled.get(partition, set()).difference_update(seqs)
+        if ok:
+            self._acked_recently.remember(seqs)
 
         async def settle() -> None:
             for m in msgs:
